@@ -1,0 +1,178 @@
+"""One Hydra job: check the config, load the data, train, and record everything in one MLflow run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from . import data as data_mod
+from . import sweep as sweep_mod
+from .config import flatten, redact, validate
+from .errors import HarnessError
+from .tracking import (
+    TAG_FAILURE,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SWEEP,
+    RunLog,
+    client_for,
+    command_line,
+    ensure_experiment,
+    environment_tags,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_job() -> tuple[Path | None, list[str]]:
+    """The job's output folder and its overrides, when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, []
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), list(hc.overrides.task)
+
+
+def _open_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> RunLog:
+    """Create the job's run: under the sweep's parent in a multirun, on its own otherwise."""
+    uri = cfg.tracking.uri
+    sweep = sweep_mod.current()
+    if sweep is not None and sweep.tracking_uri == uri:
+        client = client_for(uri)
+        experiment_id = sweep.experiment_id
+        tags = {**tags, TAG_SWEEP: sweep.sweep, TAG_PARENT: sweep.parent_run_id}
+    else:
+        client = client_for(uri)
+        experiment_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    return RunLog.create(client, experiment_id, run_name, tags)
+
+
+def _progress(epochs: int):
+    def line(m) -> None:
+        log.info(
+            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  %.2fs train + %.2fs eval  (%.0f ex/s)",
+            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc,
+            m.epoch_seconds, m.eval_seconds, m.examples_per_second,
+        )
+
+    return line
+
+
+def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
+    """Resolved config, exported model, sample predictions and confusion matrix, under out/."""
+    from mxnet import nd
+
+    from .plots import confusion_matrix, plot_confusion, plot_predictions
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    model_dir = out / "model"
+    model_dir.mkdir(exist_ok=True)
+    net.export(str(model_dir / "model"), epoch=0)  # model-symbol.json + model-0000.params
+
+    preds = np.concatenate([
+        nd.argmax(net(test.x[i : i + cfg.trainer.eval_batch_size]), axis=1).asnumpy()
+        for i in range(0, len(test), cfg.trainer.eval_batch_size)
+    ])
+    true = test.y.asnumpy()
+    pick = np.random.default_rng(cfg.seed).choice(len(true), size=min(10, len(true)), replace=False)
+    plot_predictions(test.x[nd.array(pick, dtype=np.int64, ctx=test.x.context)].asnumpy(),
+                     true[pick], preds[pick], out / "predictions.png", names)
+    counts = confusion_matrix(true, preds, cfg.model.num_outputs)
+    plot_confusion(counts, out / "confusion_matrix.png", names,
+                   title=f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}")
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as `cfg` says, track it in MLflow, and return its final metrics and run id.
+
+    Everything that can be wrong with the input (config values, context, data files, tracking
+    store) is checked before the MLflow run is created, so bad input leaves no run behind.
+    """
+    validate(cfg)
+    from .model import build_net, make_context
+    from .training import NonFiniteLoss, evaluate, fit, make_trainer, to_device
+
+    ctx = make_context(cfg.context.device, cfg.context.index)
+    d = cfg.data
+    files = data_mod.locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors),
+                            dict(d.md5), timeout=d.download_timeout)
+    train_split, test_split = data_mod.load(files)
+
+    out_dir, overrides = _hydra_job()
+    tags = {
+        TAG_ROLE: "job",
+        "context": str(ctx),
+        "data.sha256": files.digest(),
+        "data.root": str(files.root),
+        "hydra.overrides": redact(" ".join(overrides)),
+        "command": command_line(),
+        **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
+        **environment_tags(),
+    }
+    run = _open_run(cfg, run_name=",".join(overrides) or "defaults", tags=tags)
+    log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
+    status = "FAILED"
+    result: dict[str, Any] = {"run_id": run.run_id}
+    try:
+        run.log_params(flatten(cfg))
+        train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
+        net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
+        trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
+        train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
+        run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
+        log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
+        progress = _progress(cfg.trainer.epochs)
+
+        def on_epoch(m) -> None:
+            run.log_metrics(m.epoch, m.as_metrics())
+            progress(m)
+
+        try:
+            history = fit(
+                net, trainer, train_d, test_d,
+                epochs=cfg.trainer.epochs, batch_size=d.batch_size, seed=cfg.seed,
+                eval_chunk=cfg.trainer.eval_batch_size, on_epoch=on_epoch,
+                stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+            )
+        except NonFiniteLoss as exc:
+            run.set_tags({TAG_FAILURE: f"non-finite loss: {exc}"})
+            log.error("run %s stopped: %s (lower optim.lr or model.sigma)", run.run_id, exc)
+            result.update(status="FAILED", failure=str(exc))
+            return result
+        with tempfile.TemporaryDirectory() as tmp:
+            art = _write_artifacts(cfg, net, test_d, (out_dir or Path(tmp)) / "artifacts",
+                                   list(d.get("classes") or []) or None)
+            run.log_artifacts(art)
+            if out_dir is not None and (out_dir / ".hydra").is_dir():
+                run.log_artifacts(out_dir / ".hydra", "hydra")
+        status = "FINISHED"
+        result.update(history[-1].as_metrics(), status=status, epochs=len(history))
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        run.end(status)
+        log.info("MLflow run %s ended %s", run.run_id, status)
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """run.py's entry: train, turning a HarnessError into one line on stderr and exit status 2."""
+    try:
+        result = train(cfg)
+    except HarnessError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return result

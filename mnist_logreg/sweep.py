@@ -1,0 +1,119 @@
+"""A sweep's shared MLflow state, created once in the launching process and handed to its jobs.
+
+Several jobs creating one fresh SQLite store or one new experiment at once corrupt the store or
+file runs into `Default`. So the Hydra callback below creates the store, the experiment and a
+parent run before any job starts, and passes their ids to the jobs through an environment
+variable, which joblib workers, submitit jobs and Slurm tasks inherit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import sys
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .config import redact
+
+ENV_VAR = "MNIST_LOGREG_SWEEP"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every job of one multirun needs to file its run under the sweep's parent."""
+
+    sweep: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def current() -> SweepContext | None:
+    """The sweep this process's jobs belong to, or None outside a multirun."""
+    raw = os.environ.get(ENV_VAR)
+    return SweepContext(**json.loads(raw)) if raw else None
+
+
+def new_sweep_id() -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class SweepTracking(Callback):
+    """Hydra callback: opens the sweep's parent MLflow run at multirun start, closes it at the end."""
+
+    def __init__(self) -> None:
+        self._ctx: SweepContext | None = None
+        self._client: Any = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .errors import HarnessError
+
+        try:
+            self._open(config)
+        except HarnessError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"Error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    def _open(self, config: DictConfig) -> None:
+        from .config import validate_sweep
+        from .tracking import (
+            RunLog,
+            TAG_ROLE,
+            TAG_SWEEP,
+            client_for,
+            command_line,
+            ensure_experiment,
+            git_state,
+        )
+
+        validate_sweep(config)
+        uri = OmegaConf.select(config, "tracking.uri")
+        client = client_for(uri)
+        experiment_id = ensure_experiment(
+            client, config.tracking.experiment, OmegaConf.select(config, "tracking.artifact_location")
+        )
+        sweep = new_sweep_id()
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+        parent = RunLog.create(
+            client,
+            experiment_id,
+            run_name=f"sweep {sweep}",
+            tags={
+                TAG_SWEEP: sweep,
+                TAG_ROLE: "sweep",
+                "hydra.overrides": redact(" ".join(overrides)),
+                "hydra.sweep.dir": str(config.hydra.sweep.dir),
+                "command": command_line(),
+                **git_state(),
+            },
+        )
+        self._client = client
+        self._ctx = SweepContext(sweep, uri, experiment_id, parent.run_id)
+        os.environ[ENV_VAR] = json.dumps(asdict(self._ctx))
+        atexit.register(self._close, "FAILED")
+        log.info("sweep %s: parent run %s in experiment %s", sweep, parent.run_id, config.tracking.experiment)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        """End the parent run once: FINISHED after the sweep, FAILED when the process exits mid-sweep."""
+        if self._ctx is None:
+            return
+        ctx, self._ctx = self._ctx, None
+        os.environ.pop(ENV_VAR, None)
+        try:
+            self._client.set_terminated(ctx.parent_run_id, status)
+        except Exception as exc:  # the store went away: say so, do not mask the real error
+            log.warning("could not end sweep run %s: %s", ctx.parent_run_id, exc)

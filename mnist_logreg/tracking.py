@@ -1,0 +1,159 @@
+"""MLflow: the store, the experiment, one run per job, and the environment tags that pin it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .config import redact
+from .errors import TrackingError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Tags the harness sets; the MLflow UI nests a run under the run named by mlflow.parentRunId.
+TAG_SWEEP = "sweep"
+TAG_ROLE = "mnist_logreg.role"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_FAILURE = "failure"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, or None for other stores."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+def client_for(uri: str):
+    """An MlflowClient on uri, after checking that a SQLite store's folder exists."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.parent.is_dir():
+        raise TrackingError(
+            f"tracking.uri={uri}: folder {db.parent} does not exist; create it or set tracking.uri"
+        )
+    return MlflowClient(tracking_uri=uri)
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to `mlartifacts/` beside the database file."""
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created (with its artifact location) when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"tracking.experiment={name} is deleted in {redact(client.tracking_uri)}: "
+                    "restore it in the MLflow UI (or `mlflow experiments restore`) or pick another name"
+                )
+            return exp.experiment_id
+        location = artifact_location or default_artifact_location(client.tracking_uri)
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"tracking store {redact(client.tracking_uri)} cannot be used: {str(exc).splitlines()[0]}; "
+            "check tracking.uri"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=1)
+def git_state(root: str = str(PROJECT_ROOT)) -> dict[str, str]:
+    """The project's git commit and whether its tree has uncommitted changes ('unknown' outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions of Python and the packages that decide a run's numbers, and the platform."""
+    import hydra
+    import mlflow
+    import mxnet
+    import numpy
+
+    return {
+        "python.version": platform.python_version(),
+        "mxnet.version": mxnet.__version__,
+        "numpy.version": numpy.__version__,
+        "hydra.version": hydra.__version__,
+        "mlflow.version": mlflow.__version__,
+        "platform": platform.platform(),
+        **git_state(),
+    }
+
+
+def command_line() -> str:
+    """The command as typed, with any password in it hidden."""
+    return redact(" ".join([Path(sys.executable).name, *sys.argv]))
+
+
+def chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class RunLog:
+    """One MLflow run written through MlflowClient (no global active-run state, so jobs can share a process)."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def create(cls, client, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> "RunLog":
+        """Start a new run (status RUNNING)."""
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        return cls(client, run.info.run_id)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for part in chunks(items, 100):
+            self.client.log_batch(self.run_id, params=part)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for part in chunks(items, 100):
+            self.client.log_batch(self.run_id, tags=part)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log several metrics at one step in a single call."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        )
+
+    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def end(self, status: str) -> None:
+        """Mark the run FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,148 @@
+"""The training loop: the tutorial's maths on preloaded device arrays, one device sync per phase."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+
+from .data import Split
+from .model import NetWithLoss
+
+
+class NonFiniteLoss(RuntimeError):
+    """The epoch's mean training loss is NaN or infinite: the run diverged."""
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """A split held on the training context: x (N, 784) float32, y (N,) float32."""
+
+    x: nd.NDArray
+    y: nd.NDArray
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch logs at step `epoch`."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    epoch_seconds: float
+    eval_seconds: float
+    examples_per_second: float
+
+    def as_metrics(self) -> dict[str, float]:
+        """The loggable values (all but the step)."""
+        d = asdict(self)
+        d.pop("epoch")
+        return d
+
+
+_DEVICE_CACHE: dict[tuple[int, str], DeviceSplit] = {}
+
+
+def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
+    """Copy a split onto ctx once per process (the jobs of a sweep share it)."""
+    key = (id(split), str(ctx))
+    if key not in _DEVICE_CACHE:
+        if len(_DEVICE_CACHE) >= 4:  # an old dataset or context: let it go
+            _DEVICE_CACHE.clear()
+        _DEVICE_CACHE[key] = DeviceSplit(
+            nd.array(split.x, ctx=ctx, dtype=np.float32), nd.array(split.y, ctx=ctx, dtype=np.float32)
+        )
+    return _DEVICE_CACHE[key]
+
+
+def batch_orders(seed: int, n: int) -> Iterator[np.ndarray]:
+    """The example order of each successive epoch: a fresh permutation drawn from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.permutation(n)
+
+
+def accuracy_count(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> nd.NDArray:
+    """Number of correctly classified examples, as a 1-element NDArray (no device sync)."""
+    correct = nd.zeros((1,), ctx=split.x.context)
+    for start in range(0, len(split), chunk):
+        out = net(split.x[start : start + chunk])
+        correct += (nd.argmax(out, axis=1) == split.y[start : start + chunk]).sum()
+    return correct
+
+
+def evaluate(net: gluon.HybridBlock, train: DeviceSplit, test: DeviceSplit, chunk: int) -> tuple[float, float]:
+    """Accuracy on the train and the test split, with a single device sync."""
+    counts = nd.concat(accuracy_count(net, train, chunk), accuracy_count(net, test, chunk), dim=0)
+    c_train, c_test = counts.asnumpy().tolist()
+    return c_train / len(train), c_test / len(test)
+
+
+def make_trainer(net: gluon.Block, lr: float, momentum: float = 0.0, wd: float = 0.0) -> gluon.Trainer:
+    """gluon.Trainer with SGD, as in the tutorial (momentum and weight decay default to off)."""
+    params = {"learning_rate": lr}
+    if momentum:
+        params["momentum"] = momentum
+    if wd:
+        params["wd"] = wd
+    return gluon.Trainer(net.collect_params(), "sgd", params, kvstore=None)
+
+
+def fit(
+    net: gluon.HybridBlock,
+    trainer: gluon.Trainer,
+    train: DeviceSplit,
+    test: DeviceSplit,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    eval_chunk: int = 10000,
+    on_epoch: Callable[[EpochMetrics], None] = lambda m: None,
+    stop_on_nonfinite: bool = True,
+) -> list[EpochMetrics]:
+    """Train for `epochs` epochs of shuffled mini-batches; call on_epoch after each; return the history.
+
+    Each batch does what the tutorial does: forward and softmax cross-entropy under autograd,
+    backward, trainer.step(batch_size). The loss is summed on the device; the host waits for the
+    device once after training an epoch and once after scoring it.
+    """
+    step_block = NetWithLoss(net)
+    step_block.hybridize(static_alloc=True)
+    n = len(train)
+    orders = batch_orders(seed, n)
+    history: list[EpochMetrics] = []
+    for epoch in range(1, epochs + 1):
+        order = nd.array(next(orders), ctx=train.x.context, dtype=np.int64)
+        xs, ys = nd.take(train.x, order), nd.take(train.y, order)
+        total = nd.zeros((1,), ctx=train.x.context)
+        t0 = time.perf_counter()
+        for start in range(0, n, batch_size):
+            xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+            with autograd.record():
+                loss = step_block(xb, yb)
+            loss.backward()
+            trainer.step(batch_size)
+            total += loss.sum()
+        train_loss = total.asscalar() / n
+        epoch_seconds = time.perf_counter() - t0
+        if stop_on_nonfinite and not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"epoch {epoch}: mean training loss is {train_loss}")
+        t1 = time.perf_counter()
+        train_acc, test_acc = evaluate(net, train, test, eval_chunk)
+        eval_seconds = time.perf_counter() - t1
+        metrics = EpochMetrics(
+            epoch, train_loss, train_acc, test_acc, epoch_seconds, eval_seconds, n / epoch_seconds
+        )
+        history.append(metrics)
+        on_epoch(metrics)
+    return history

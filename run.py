@@ -1,0 +1,21 @@
+"""Train Gluon softmax regression on MNIST as the Hydra config says; `-m` sweeps. See README.md."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# conf/config.yaml adds this folder to Hydra's search path, so that experiments/ is a config group.
+os.environ.setdefault("MNIST_LOGREG_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from mnist_logreg.job import main as run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
