@@ -6,6 +6,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from mnist_logreg.errors import install_hydra_error_handler
+
 # conf/config.yaml adds this folder to Hydra's search path, so that experiments/ is a config group.
 os.environ.setdefault("MNIST_LOGREG_ROOT", str(Path(__file__).resolve().parent))
 
@@ -18,4 +20,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    install_hydra_error_handler()  # bad input: one line on stderr and exit status 2
     main()

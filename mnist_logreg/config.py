@@ -61,7 +61,7 @@ def validate(cfg: DictConfig) -> None:
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True, throw_on_resolution_failure=True)
         except Exception as exc:  # missing value or broken interpolation
-            raise ConfigError(f"{key} cannot be resolved: {exc}") from exc
+            raise ConfigError(f"{key} cannot be resolved: {str(exc).splitlines()[0]}") from exc
         check_value(key, value)
 
 
@@ -88,7 +88,7 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def validate_sweep(config: DictConfig) -> None:
+def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
     """Check the base config and every value a multirun will sweep, before the first job starts.
 
     Swept values come from the command line (`optim.lr=0.1,-1`) and from `hydra.sweeper.params`
@@ -101,15 +101,13 @@ def validate_sweep(config: DictConfig) -> None:
     params = OmegaConf.select(config, "hydra.sweeper.params")
     if params:
         lines += [f"{k}={v}" for k, v in params.items()]
+    swept: dict[str, list[Any]] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.key_or_group
-        if key not in RULES:
+        if override.is_interval_sweep():
             continue
-        if override.is_sweep_override():
-            if override.is_interval_sweep():
-                continue
-            values = list(override.sweep_iterator())
-        else:
-            values = [override.value()]
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        swept[key] = values
         for value in values:
             check_value(key, value)
+    return swept

@@ -153,12 +153,14 @@ def download(
                 _fetch(url, folder / filename, md5.get(filename), timeout)
                 break
             except (OSError, urllib.error.URLError, DataError) as exc:
-                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+                reason = str(getattr(exc, "reason", exc))
+                if reason not in errors:
+                    errors.append(reason)
         else:
             raise DataError(
-                f"{name}: missing {', '.join(missing)} in {where}, and no mirror could serve "
-                f"{filename} ({'; '.join(errors)}); download the files by hand or set "
-                "data.root=/folder/with/the/idx/files"
+                f"{name}: missing {', '.join(missing)} in {where}, and none of the "
+                f"{len(mirrors)} mirrors could serve {filename} ({'; '.join(errors)}); put the files "
+                f"in {folder} by hand or set data.root=/folder/with/the/idx/files"
             )
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import traceback
+from typing import Iterator
+
 
 class HarnessError(Exception):
     """A problem the user can fix: its message names the problem and the fix."""
@@ -21,3 +27,60 @@ class ContextError(HarnessError):
 
 class TrackingError(HarnessError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message folded onto one line (Hydra's own messages span several)."""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith(("Config search path", "full_key:", "object_type=", "provider=")):
+            break
+        if line:
+            lines.append(line)
+    cause = exc.__cause__
+    text = " ".join(lines) or type(exc).__name__
+    if cause is not None and not isinstance(exc, HarnessError) and str(cause).strip():
+        text += f" ({str(cause).splitlines()[0].strip()})"
+    return text
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn an exception into an exit: bad input prints one line and exits 2, anything else a traceback and 1."""
+    try:
+        yield
+    except HarnessError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+
+
+def install_hydra_error_handler() -> None:
+    """Make Hydra report bad input (HarnessError, bad overrides, unknown keys or options) in one line.
+
+    Other exceptions keep Hydra's report. HYDRA_FULL_ERROR=1 shows the full traceback of any.
+    The exit status is 2 for bad input, as for a command-line usage error.
+    """
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import CompactHydraException, OverrideParseException
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except (HarnessError, CompactHydraException, OverrideParseException) as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"Error: {one_line(exc)}", file=sys.stderr)
+                sys.exit(2)
+
+        return original(guarded)
+
+    hydra_utils.run_and_report = run_and_report

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as data_mod
 from . import sweep as sweep_mod
 from .config import flatten, redact, validate
-from .errors import HarnessError
+from .errors import exit_on_error
 from .tracking import (
     TAG_FAILURE,
     TAG_PARENT,
@@ -166,13 +164,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("MLflow run %s ended %s", run.run_id, status)
 
 
+
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """run.py's entry: train, turning a HarnessError into one line on stderr and exit status 2."""
-    try:
-        result = train(cfg)
-    except HarnessError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    return result
+    """run.py's entry. Outside a multirun, bad input exits with one line (Hydra would add its own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        with exit_on_error():
+            return train(cfg)
+    return train(cfg)

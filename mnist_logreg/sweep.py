@@ -12,7 +12,6 @@ import atexit
 import json
 import logging
 import os
-import sys
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -55,17 +54,16 @@ class SweepTracking(Callback):
         self._client: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .errors import HarnessError
+        # Hydra turns an exception raised in a callback into a warning and launches the jobs
+        # anyway, so a sweep that cannot be tracked stops here, before any job starts.
+        from .errors import exit_on_error
 
-        try:
+        with exit_on_error():
             self._open(config)
-        except HarnessError as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"Error: {exc}", file=sys.stderr)
-            sys.exit(2)
 
     def _open(self, config: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from .config import validate_sweep
         from .tracking import (
             RunLog,
@@ -77,7 +75,13 @@ class SweepTracking(Callback):
             git_state,
         )
 
-        validate_sweep(config)
+        if not HydraConfig.initialized():  # so that ${hydra:runtime.cwd} resolves here too
+            HydraConfig.instance().set_config(config)
+        swept = validate_sweep(config)
+        if "gpu" in swept.get("context", []) + [config.context.device]:
+            from .model import make_context
+
+            make_context("gpu", config.context.index)  # no GPU: stop before the first job
         uri = OmegaConf.select(config, "tracking.uri")
         client = client_for(uri)
         experiment_id = ensure_experiment(
