@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +152,7 @@ def download(
             try:
                 _fetch(url, folder / filename, md5.get(filename), timeout)
                 break
-            except (OSError, urllib.error.URLError, DataError) as exc:
+            except (OSError, http.client.HTTPException, DataError) as exc:
                 reason = str(getattr(exc, "reason", exc))
                 if reason not in errors:
                     errors.append(reason)

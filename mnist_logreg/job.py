@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,18 @@ def _open_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> RunLog:
         client = client_for(uri)
         experiment_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
     return RunLog.create(client, experiment_id, run_name, tags)
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (a scheduler's or `kill`'s stop) as Ctrl-C, so the run ends KILLED, not RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(epochs: int):
@@ -121,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         run.log_params(flatten(cfg))
         train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
@@ -158,8 +173,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
     except KeyboardInterrupt:
         status = "KILLED"
+        sweep_mod.mark_interrupted()
         raise
     finally:
+        restore_sigterm()
         run.end(status)
         log.info("MLflow run %s ended %s", run.run_id, status)
 

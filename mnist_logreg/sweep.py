@@ -42,6 +42,15 @@ def current() -> SweepContext | None:
     return SweepContext(**json.loads(raw)) if raw else None
 
 
+_interrupted = False
+
+
+def mark_interrupted() -> None:
+    """A job was stopped by Ctrl-C or SIGTERM: the sweep's parent run will end KILLED."""
+    global _interrupted
+    _interrupted = True
+
+
 def new_sweep_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -105,7 +114,7 @@ class SweepTracking(Callback):
         self._client = client
         self._ctx = SweepContext(sweep, uri, experiment_id, parent.run_id)
         os.environ[ENV_VAR] = json.dumps(asdict(self._ctx))
-        atexit.register(self._close, "FAILED")
+        atexit.register(lambda: self._close("KILLED" if _interrupted else "FAILED"))
         log.info("sweep %s: parent run %s in experiment %s", sweep, parent.run_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -1,0 +1,97 @@
+"""Composing the config with Hydra, checking every value, and flattening it for MLflow."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from mnist_logreg.config import flatten, redact, validate
+from mnist_logreg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _root_env(monkeypatch):
+    monkeypatch.setenv("MNIST_LOGREG_ROOT", str(ROOT))
+
+
+def make_cfg(*overrides: str):
+    # ${hydra:runtime.cwd} resolves only inside a Hydra job: pin the store.
+    overrides = ("tracking.uri=sqlite:////tmp/mlflow.db", *overrides)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_are_the_tutorials():
+    cfg = make_cfg()
+    validate(cfg)
+    assert cfg.optim.lr == 0.1 and cfg.data.batch_size == 64 and cfg.model.sigma == 1.0
+    assert cfg.trainer.epochs == 10 and cfg.context.device == "cpu" and cfg.data.name == "mnist"
+    assert cfg.tracking.experiment == "mnist_logreg" and isinstance(cfg.seed, int)
+
+
+def test_groups_switch_dataset_and_context():
+    cfg = make_cfg("data=fashion_mnist", "context=gpu", "context.index=1")
+    assert cfg.data.name == "fashion_mnist" and "/usr/share/datasets/fashion-mnist" in cfg.data.search
+    assert cfg.context.device == "gpu" and cfg.context.index == 1
+
+
+def test_default_data_root_is_a_cache_folder():
+    cfg = make_cfg()
+    assert cfg.data.root is None
+    assert cfg.data.cache.endswith("/mnist") and ".cache/mnist_logreg" in cfg.data.cache
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-0.5", "optim.lr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=6.5", "data.batch_size"),
+        ("data.batch_size=true", "data.batch_size"),
+        ("model.sigma=0", "model.sigma"),
+        ("model.sigma=-1", "model.sigma"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.epochs=2.5", "trainer.epochs"),
+        ("context.device=tpu", "context.device"),
+        ("optim.momentum=1.5", "optim.momentum"),
+        ("seed=-3", "seed"),
+    ],
+)
+def test_bad_values_are_named_with_what_is_allowed(override, key):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    value = override.split("=", 1)[1]
+    assert message.startswith(f"{key}=") and value.lower() in message.lower() and "must be" in message
+    assert "\n" not in message
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("optim.learning_rate=0.1")
+
+
+def test_unknown_group_option_is_an_error():
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("context=tpu")
+
+
+def test_flatten_gives_dotted_keys_of_the_resolved_config():
+    flat = flatten(make_cfg("optim.lr=0.05"))
+    assert flat["optim.lr"] == "0.05" and flat["data.batch_size"] == "64" and flat["model.sigma"] == "1.0"
+    assert flat["seed"] == "42" and flat["context.device"] == "cpu"
+    assert flat["data.mirrors"].startswith('["https://')
+    assert "${" not in "".join(flat.values())
+
+
+def test_passwords_in_uris_are_hidden():
+    assert redact("postgresql://bob:s3cret@db:5432/x") == "postgresql://bob:***@db:5432/x"
+    flat = flatten({"tracking": {"uri": "http://alice:hunter2@127.0.0.1:5000"}})
+    assert "hunter2" not in flat["tracking.uri"]
