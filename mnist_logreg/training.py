@@ -49,7 +49,9 @@ class EpochMetrics:
         return d
 
 
-_DEVICE_CACHE: dict[tuple[int, str], DeviceSplit] = {}
+# (id of the host split, context) -> (the host split, its device copy). Holding the split keeps
+# its id from being reused by another object while the entry lives.
+_DEVICE_CACHE: dict[tuple[int, str], tuple[Split, DeviceSplit]] = {}
 
 
 def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
@@ -58,10 +60,11 @@ def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
     if key not in _DEVICE_CACHE:
         if len(_DEVICE_CACHE) >= 4:  # an old dataset or context: let it go
             _DEVICE_CACHE.clear()
-        _DEVICE_CACHE[key] = DeviceSplit(
+        device = DeviceSplit(
             nd.array(split.x, ctx=ctx, dtype=np.float32), nd.array(split.y, ctx=ctx, dtype=np.float32)
         )
-    return _DEVICE_CACHE[key]
+        _DEVICE_CACHE[key] = (split, device)
+    return _DEVICE_CACHE[key][1]
 
 
 def batch_orders(seed: int, n: int) -> Iterator[np.ndarray]:

@@ -1,0 +1,128 @@
+"""The fast training path computes what the tutorial's loop computes."""
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon, nd
+
+from mnist_logreg.data import Split
+from mnist_logreg.model import build_net
+from mnist_logreg.training import NonFiniteLoss, batch_orders, evaluate, fit, make_trainer, to_device
+
+from conftest import mnist5k_arrays
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = mnist5k_arrays()
+    test = np.arange(len(labels)) % 5 == 4
+    return (images[~test], labels[~test]), (images[test], labels[test])
+
+
+def as_split(images, labels):
+    return Split(images.reshape(len(images), -1).astype(np.float32) / 255, labels.astype(np.float32))
+
+
+class FixedOrders(gluon.data.Sampler):
+    """Yields, epoch after epoch, the orders the harness draws for the same seed."""
+
+    def __init__(self, seed, n):
+        self._orders, self._n = batch_orders(seed, n), n
+
+    def __iter__(self):
+        return iter(next(self._orders).tolist())
+
+    def __len__(self):
+        return self._n
+
+
+def tutorial_loop(net, train, test, *, epochs, batch_size, lr, seed):
+    """The tutorial's loop: DataLoader with a per-sample transform, a sync per batch, metric.Accuracy."""
+
+    def transform(data, label):
+        return data.astype(np.float32) / 255, label.astype(np.float32)
+
+    train_ds = gluon.data.ArrayDataset(*train).transform(transform)
+    test_ds = gluon.data.ArrayDataset(*test).transform(transform)
+    train_data = gluon.data.DataLoader(train_ds, batch_size, sampler=FixedOrders(seed, len(train[1])))
+    train_eval = gluon.data.DataLoader(train_ds, batch_size, shuffle=False)
+    test_data = gluon.data.DataLoader(test_ds, batch_size, shuffle=False)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": lr})
+
+    def evaluate_accuracy(data_iterator):
+        acc = mx.metric.Accuracy()
+        for data, label in data_iterator:
+            output = net(data.reshape((-1, 784)))
+            acc.update(preds=nd.argmax(output, axis=1), labels=label)
+        return acc.get()[1]
+
+    history = []
+    for _ in range(epochs):
+        cumulative_loss = 0.0
+        for data, label in train_data:
+            data = data.reshape((-1, 784))
+            with autograd.record():
+                loss = loss_fn(net(data), label)
+            loss.backward()
+            trainer.step(batch_size)
+            cumulative_loss += nd.sum(loss).asscalar()
+        history.append((cumulative_loss / len(train[1]), evaluate_accuracy(train_eval), evaluate_accuracy(test_data)))
+    return history
+
+
+@pytest.mark.parametrize("batch_size, lr, sigma", [(64, 0.1, 1.0), (100, 0.5, 0.1)])
+def test_fast_path_matches_the_tutorial_loop(digits, batch_size, lr, sigma):
+    (train_img, train_lbl), (test_img, test_lbl) = digits
+    ctx, seed, epochs = mx.cpu(), 7, 3
+    net = build_net(10, sigma, ctx, seed)
+    reference = gluon.nn.Dense(10)
+    reference.initialize(ctx=ctx)
+    reference(nd.zeros((1, 784)))
+    for mine, theirs in zip(net.collect_params().values(), reference.collect_params().values()):
+        theirs.set_data(mine.data().copy())  # the same starting weights
+
+    expected = tutorial_loop(reference, (train_img, train_lbl), (test_img, test_lbl),
+                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    train_d, test_d = to_device(as_split(train_img, train_lbl), ctx), to_device(as_split(test_img, test_lbl), ctx)
+    got = fit(net, make_trainer(net, lr), train_d, test_d, epochs=epochs, batch_size=batch_size, seed=seed)
+
+    assert len(got) == epochs
+    assert 4000 % batch_size != 0 or batch_size == 100  # one case has a short last batch
+    for m, (loss, train_acc, test_acc) in zip(got, expected):
+        assert m.train_loss == pytest.approx(loss, abs=1e-5)
+        assert m.train_acc == pytest.approx(train_acc, abs=1e-5)
+        assert m.test_acc == pytest.approx(test_acc, abs=1e-5)
+    assert got[-1].test_acc > 0.5  # far above chance (0.1)
+
+
+def test_untrained_accuracy_is_near_chance_and_training_improves_it(digits):
+    (train_img, train_lbl), (test_img, test_lbl) = digits
+    ctx = mx.cpu()
+    train_d, test_d = to_device(as_split(train_img, train_lbl), ctx), to_device(as_split(test_img, test_lbl), ctx)
+    net = build_net(10, 0.01, ctx, seed=1)
+    train_acc, test_acc = evaluate(net, train_d, test_d, chunk=999)
+    assert 0.0 < train_acc < 0.3 and 0.0 < test_acc < 0.3
+    history = fit(net, make_trainer(net, 0.1), train_d, test_d, epochs=2, batch_size=64, seed=1)
+    assert history[-1].test_acc > 0.85 > test_acc + 0.5
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    a = build_net(10, 1.0, mx.cpu(), seed=3).weight.data().asnumpy()
+    b = build_net(10, 1.0, mx.cpu(), seed=3).weight.data().asnumpy()
+    c = build_net(10, 1.0, mx.cpu(), seed=4).weight.data().asnumpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert abs(a.std() - 1.0) < 0.05
+    small = build_net(10, 0.01, mx.cpu(), seed=3)
+    assert abs(small.weight.data().asnumpy().std() - 0.01) < 0.001
+    assert not small.bias.data().asnumpy().any()  # Gluon's zero bias, as in the tutorial
+
+
+def test_divergence_raises(digits):
+    (train_img, train_lbl), (test_img, test_lbl) = digits
+    ctx = mx.cpu()
+    train_d, test_d = to_device(as_split(train_img, train_lbl), ctx), to_device(as_split(test_img, test_lbl), ctx)
+    net = build_net(10, 1.0, ctx, seed=1)
+    with pytest.raises(NonFiniteLoss, match="epoch 1"):
+        fit(net, make_trainer(net, 1e38), train_d, test_d, epochs=3, batch_size=64, seed=1)
