@@ -43,6 +43,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.stop_on_nonfinite": (lambda v: isinstance(v, bool), "true or false"),
     "context.device": (lambda v: v in CONTEXTS, f"one of {', '.join(CONTEXTS)} (context=cpu or context=gpu)"),
     "context.index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "context.threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "force": (lambda v: isinstance(v, bool), "true or false"),
     "tracking.uri": (_nonempty_str, "a tracking URI such as sqlite:///mlflow.db"),
     "tracking.experiment": (_nonempty_str, "a non-empty experiment name"),
 }

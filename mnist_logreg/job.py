@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 import signal
 import tempfile
 import threading
@@ -41,18 +43,24 @@ def _hydra_job() -> tuple[Path | None, list[str]]:
     return Path(hc.runtime.output_dir), list(hc.overrides.task)
 
 
-def _open_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> RunLog:
-    """Create the job's run: under the sweep's parent in a multirun, on its own otherwise."""
+def _experiment(cfg: DictConfig) -> tuple[Any, str, dict[str, str]]:
+    """The client, the experiment id and the sweep tags: the sweep's parent in a multirun."""
     uri = cfg.tracking.uri
+    client = client_for(uri)
     sweep = sweep_mod.current()
     if sweep is not None and sweep.tracking_uri == uri:
-        client = client_for(uri)
-        experiment_id = sweep.experiment_id
-        tags = {**tags, TAG_SWEEP: sweep.sweep, TAG_PARENT: sweep.parent_run_id}
-    else:
-        client = client_for(uri)
-        experiment_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    return RunLog.create(client, experiment_id, run_name, tags)
+        return client, sweep.experiment_id, {TAG_SWEEP: sweep.sweep, TAG_PARENT: sweep.parent_run_id}
+    return client, ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location), {}
+
+
+def finished_run_with(client, experiment_id: str, fingerprint: str):
+    """A FINISHED run of the experiment with this fingerprint, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.fingerprint = '{fingerprint}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def _sigterm_as_interrupt():
@@ -104,13 +112,16 @@ def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
     return out
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one model as `cfg` says, track it in MLflow, and return its final metrics and run id.
 
     Everything that can be wrong with the input (config values, context, data files, tracking
     store) is checked before the MLflow run is created, so bad input leaves no run behind.
     """
     validate(cfg)
+    if cfg.context.threads:  # read by MXNet when it is first imported in this process
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.context.threads))
+    from .fingerprint import fingerprint_tags, frozen_requirements, git_diff, params_hash
     from .model import build_net, make_context
     from .training import NonFiniteLoss, evaluate, fit, make_trainer, to_device
 
@@ -121,23 +132,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_split, test_split = data_mod.load(files)
 
     out_dir, overrides = _hydra_job()
+    client, experiment_id, sweep_tags = _experiment(cfg)
+    fp_tags = fingerprint_tags(cfg, files.digest())
+    if not cfg.force:
+        done = finished_run_with(client, experiment_id, fp_tags["fingerprint"])
+        if done is not None:
+            log.info("skipped: run %s already FINISHED this config on this code and data "
+                     "(force=true runs it again)", done.info.run_id)
+            return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
     tags = {
         TAG_ROLE: "job",
         "context": str(ctx),
-        "data.sha256": files.digest(),
         "data.root": str(files.root),
         "hydra.overrides": redact(" ".join(overrides)),
         "command": command_line(),
         **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
         **environment_tags(),
+        **fp_tags,
+        **sweep_tags,
+        **dict(extra_tags or {}),
     }
-    run = _open_run(cfg, run_name=",".join(overrides) or "defaults", tags=tags)
+    run = RunLog.create(client, experiment_id, ",".join(overrides) or "defaults", tags)
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}
     restore_sigterm = _sigterm_as_interrupt()
     try:
         run.log_params(flatten(cfg))
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
         train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
         net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
         trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
@@ -162,9 +185,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.error("run %s stopped: %s (lower optim.lr or model.sigma)", run.run_id, exc)
             result.update(status="FAILED", failure=str(exc))
             return result
+        run.set_tags({"params.sha256": params_hash(net)})
         with tempfile.TemporaryDirectory() as tmp:
             art = _write_artifacts(cfg, net, test_d, (out_dir or Path(tmp)) / "artifacts",
                                    list(d.get("classes") or []) or None)
+            env_dir = art / "environment"
+            env_dir.mkdir(exist_ok=True)
+            (env_dir / "requirements.txt").write_text(frozen_requirements())
+            if git_diff():
+                (env_dir / "git.diff").write_text(git_diff())
             run.log_artifacts(art)
             if out_dir is not None and (out_dir / ".hydra").is_dir():
                 run.log_artifacts(out_dir / ".hydra", "hydra")
