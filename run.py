@@ -13,10 +13,11 @@ os.environ.setdefault("MNIST_LOGREG_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> float:
+    """Train one model; return its final test accuracy (the objective of the optuna sweeper)."""
     from mnist_logreg.job import main as run_job
 
-    return run_job(cfg)
+    return run_job(cfg).get("test_acc", float("nan"))
 
 
 if __name__ == "__main__":
