@@ -52,12 +52,13 @@ def fashion_root() -> Path:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None,
-            script: str = "run.py") -> subprocess.CompletedProcess:
-    """Run `python run.py ARGS` in a real subprocess, started in cwd (so mlflow.db and outputs/ land there)."""
+            module: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python run.py ARGS` (or `python -m MODULE ARGS`) in a real subprocess started in cwd,
+    so that mlflow.db and outputs/ land there."""
     full_env = {**os.environ, "MNIST_LOGREG_CACHE": str(cwd / "cache"), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [sys.executable, *(["-m", module] if module else [str(ROOT / "run.py")]), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 

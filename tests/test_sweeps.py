@@ -1,0 +1,209 @@
+"""Sweeps at scale: presets, joblib/submitit/optuna launchers, relaunch skipping, compare, the MLflow server."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, run_cli, store_uri
+from test_run_e2e import history, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def jobs_and_parents(folder):
+    client, runs = runs_of(folder)
+    jobs = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"]
+    parents = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "sweep"]
+    return client, jobs, parents
+
+
+def test_presets_set_their_axes(monkeypatch):
+    monkeypatch.setenv("MNIST_LOGREG_ROOT", str(ROOT))
+    expected = {
+        "lr_sweep": {"optim.lr"}, "batch_size_sweep": {"data.batch_size"}, "sigma_sweep": {"model.sigma"},
+        "context_sweep": {"context"}, "grid": {"optim.lr", "data.batch_size", "model.sigma"},
+        "seeds": {"seed"}, "optuna": {"optim.lr", "model.sigma"},
+    }
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name, axes in expected.items():
+            cfg = compose("config", overrides=[f"experiments={name}"], return_hydra_config=True)
+            assert set(cfg.hydra.sweeper.params) == axes, name
+        grid = compose("config", overrides=["experiments=grid"], return_hydra_config=True).hydra.sweeper.params
+        assert [len(str(v).split(",")) for v in grid.values()] == [3, 3, 3]
+        both = compose("config", overrides=["experiments=[lr_sweep,seeds]"], return_hydra_config=True)
+        assert set(both.hydra.sweeper.params) == {"optim.lr", "seed"}
+        tutorial = compose("config", overrides=["experiments=tutorial"])
+        assert (tutorial.optim.lr, tutorial.data.batch_size, tutorial.model.sigma, tutorial.trainer.epochs) == (
+            0.1, 64, 1.0, 10)
+    assert {p.stem for p in (ROOT / "experiments").glob("*.yaml")} == set(expected) | {"tutorial"}
+
+
+def test_preset_runs_with_one_axis_overridden(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "experiments=sigma_sweep", "model.sigma=0.05,0.5", "trainer.epochs=1",
+                    f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and sorted(r.data.params["model.sigma"] for r in jobs) == ["0.05", "0.5"]
+
+
+def test_joblib_six_jobs_two_workers_fresh_store(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.05,0.1,0.5",
+                    "model.sigma=0.1,1.0", "trainer.epochs=2", f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 workers x 1 OpenMP threads" in proc.stdout
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 6
+    assert len({(r.data.params["optim.lr"], r.data.params["model.sigma"]) for r in jobs}) == 6
+    for run in jobs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0, 1, 2]
+        assert run.data.tags["threads.OMP_NUM_THREADS"] == "1"
+    assert len({r.data.tags.get("threads.OMP_NUM_THREADS") for r in jobs}) == 1
+    default = client.get_experiment_by_name("Default")
+    assert default is None or not client.search_runs([default.experiment_id])
+
+
+def test_submitit_local_launcher(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "hydra/launcher=local", "optim.lr=0.1,0.5", "trainer.epochs=1",
+                    f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 2
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for r in jobs)
+
+
+def test_optuna_trials_are_one_sweep(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=3", "trainer.epochs=1",
+                    f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Best value" in proc.stdout
+    _, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 3
+    assert len({r.data.params["optim.lr"] for r in jobs}) == 3
+    assert len({r.data.tags["sweep"] for r in jobs}) == 1
+
+
+def test_relaunch_skips_finished_reruns_failed_and_force(tmp_path, mnist5k_root):
+    args = ["-m", "optim.lr=1e38,0.1", "trainer.epochs=1", f"data.root={mnist5k_root}"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("skipped: run") == 1
+    _, jobs, _ = jobs_and_parents(tmp_path)
+    statuses = sorted((r.data.params["optim.lr"], r.info.status) for r in jobs)
+    assert statuses == [("0.1", "FINISHED"), ("1e+38", "FAILED"), ("1e+38", "FAILED")]
+    forced = run_cli([*args, "force=true"], cwd=tmp_path)
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    _, jobs, _ = jobs_and_parents(tmp_path)
+    assert sum(r.data.params["optim.lr"] == "0.1" for r in jobs) == 2
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory, mnist5k_root):
+    """A store holding one lr x sigma x seed sweep (8 jobs, 2 epochs)."""
+    folder = tmp_path_factory.mktemp("sweep_store")
+    proc = run_cli(["-m", "optim.lr=0.1,0.5", "model.sigma=0.1,1.0", "seed=1,2", "trainer.epochs=2",
+                    f"data.root={mnist5k_root}"], cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def test_compare_table_and_plots(sweep_store):
+    out = sweep_store / "cmp"
+    proc = run_cli(["--output", str(out)], cwd=sweep_store, module="mnist_logreg.compare")
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "comparison.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8
+    assert {"optim.lr", "model.sigma", "seed", "test_acc", "best_test_acc", "train_loss", "epochs",
+            "wall_s", "status"} <= set(rows[0])
+    accs = [float(r["test_acc"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)
+    assert all(r["epochs"] == "2" and r["status"] == "FINISHED" for r in rows)
+    assert all(float(r["best_test_acc"]) >= float(r["test_acc"]) for r in rows)
+    with open(out / "seeds.csv") as fh:
+        seeds = list(csv.DictReader(fh))
+    assert len(seeds) == 4 and all(r["count"] == "2" for r in seeds)
+    for png in ("learning_curves.png", "heatmap.png", "seeds.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    printed = proc.stdout.splitlines()
+    assert {"run_id", "optim.lr", "model.sigma", "seed", "test_acc"} <= set(printed[0].split())
+    assert len(printed) >= 9
+
+    client, _, parents = jobs_and_parents(sweep_store)
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+    assert {"compare/comparison.csv", "compare/learning_curves.png", "compare/heatmap.png"} <= logged
+
+
+def test_compare_on_an_empty_experiment(tmp_path, sweep_store):
+    proc = run_cli(["--experiment", "nothing_here", "--tracking-uri", store_uri(sweep_store)], cwd=tmp_path,
+                   module="mnist_logreg.compare")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("Error: experiment 'nothing_here' does not exist")
+    assert "\n" not in proc.stderr.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base, path, **query):
+    with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=10) as resp:
+        return json.load(resp)
+
+
+def _post(base, path, body):
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def test_mlflow_server_shows_the_sweep(sweep_store):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(sweep_store),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=sweep_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="mnist_logreg")["experiment"]
+        parents = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]], "filter": "tags.`mnist_logreg.role` = 'sweep'"})["runs"]
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        children = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": f"tags.mlflow.parentRunId = '{parent_id}'", "max_results": 100})["runs"]
+        assert len(children) == 8
+        for child in children:
+            params = {p["key"]: p["value"] for p in child["data"]["params"]}
+            assert {"optim.lr", "model.sigma", "seed", "data.batch_size"} <= set(params)
+            hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
+                        metric_key="test_acc")["metrics"]
+            assert sorted(m["step"] for m in hist) == [0, 1, 2]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
