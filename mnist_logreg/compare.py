@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HarnessError, exit_on_error
-from .tracking import TAG_ROLE, TAG_SWEEP, client_for, sqlite_path
+from .tracking import TAG_ROLE, TAG_SWEEP, existing_store_client
 
 HIDDEN_PARAMS = {"tracking.uri"}
 
@@ -161,10 +161,7 @@ def plot_seeds(spread: pd.DataFrame, path: Path) -> Path:
 def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, log_to_parent: bool = True
             ) -> tuple[pd.DataFrame, Path]:
     """Build the comparison of one sweep: table (printed by the caller), CSV and PNGs in output."""
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise HarnessError(f"no MLflow store at {db}: run a sweep here first, or pass --tracking-uri")
-    client = client_for(uri)
+    client = existing_store_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise HarnessError(f"experiment {experiment!r} does not exist in {uri}: check --experiment/--tracking-uri")

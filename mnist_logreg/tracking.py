@@ -40,6 +40,14 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def existing_store_client(uri: str):
+    """An MlflowClient on a store that must already exist (reading tools must not create one)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"no MLflow store at {db}: run a sweep there first, or pass --tracking-uri")
+    return client_for(uri)
+
+
 def default_artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go to `mlartifacts/` beside the database file."""
     db = sqlite_path(uri)
