@@ -46,10 +46,20 @@ class DatasetFiles:
 
 @dataclass(frozen=True)
 class Split:
-    """One split in memory: pixels as float32 in [0, 1], shape (N, 784); labels as float32, shape (N,)."""
+    """One split in memory as its uint8 bytes: images (N, 784), labels (N,)."""
 
-    x: np.ndarray
-    y: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def x(self) -> np.ndarray:
+        """Pixels as the tutorial feeds them: float32 in [0, 1] (computed on each access)."""
+        return self.images.astype(np.float32) / 255
+
+    @property
+    def y(self) -> np.ndarray:
+        """Labels as float32, as in the tutorial."""
+        return self.labels.astype(np.float32)
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -207,8 +217,7 @@ def load(files: DatasetFiles) -> tuple[Split, Split]:
             img_path, lbl_path = files.paths[f"{part}_images"], files.paths[f"{part}_labels"]
             images, labels = read_idx(img_path), read_idx(lbl_path)
             _check_split(images, labels, img_path, lbl_path)
-            x = images.reshape(len(images), -1).astype(np.float32) / 255
-            splits.append(Split(x=x, y=labels.astype(np.float32)))
+            splits.append(Split(images.reshape(len(images), -1), labels))
         _SPLIT_CACHE.clear()  # keep one dataset in memory, not every one a process has seen
         _SPLIT_CACHE[key] = (splits[0], splits[1])
     return _SPLIT_CACHE[key]

@@ -60,8 +60,11 @@ def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
     if key not in _DEVICE_CACHE:
         if len(_DEVICE_CACHE) >= 4:  # an old dataset or context: let it go
             _DEVICE_CACHE.clear()
+        # Scaled on the device: float32(v) / 255 there is bit-identical to numpy's for all 256 bytes
+        # (tests/test_training.py checks), and the host keeps only the uint8 pixels.
         device = DeviceSplit(
-            nd.array(split.x, ctx=ctx, dtype=np.float32), nd.array(split.y, ctx=ctx, dtype=np.float32)
+            nd.array(split.images, ctx=ctx, dtype=np.uint8).astype(np.float32) / 255,
+            nd.array(split.labels, ctx=ctx, dtype=np.uint8).astype(np.float32),
         )
         _DEVICE_CACHE[key] = (split, device)
     return _DEVICE_CACHE[key][1]
@@ -116,8 +119,8 @@ def fit(
     """Train for `epochs` epochs of shuffled mini-batches; call on_epoch after each; return the history.
 
     Each batch does what the tutorial does: forward and softmax cross-entropy under autograd,
-    backward, trainer.step(batch_size). The loss is summed on the device; the host waits for the
-    device once after training an epoch and once after scoring it.
+    backward, trainer.step(batch_size). The losses stay on the device until the epoch ends; the
+    host waits for the device once after training an epoch and once after scoring it.
     """
     step_block = NetWithLoss(net)
     step_block.hybridize(static_alloc=True)
@@ -127,7 +130,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         order = nd.array(next(orders), ctx=train.x.context, dtype=np.int64)
         xs, ys = nd.take(train.x, order), nd.take(train.y, order)
-        total = nd.zeros((1,), ctx=train.x.context)
+        losses = []
         t0 = time.perf_counter()
         for start in range(0, n, batch_size):
             xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
@@ -135,8 +138,9 @@ def fit(
                 loss = step_block(xb, yb)
             loss.backward()
             trainer.step(batch_size)
-            total += loss.sum()
-        train_loss = total.asscalar() / n
+            losses.append(loss)
+        # One sum over the epoch's per-example losses, in float64, and the epoch's only wait.
+        train_loss = nd.concat(*losses, dim=0).astype(np.float64).sum().asscalar() / n
         epoch_seconds = time.perf_counter() - t0
         if stop_on_nonfinite and not math.isfinite(train_loss):
             raise NonFiniteLoss(f"epoch {epoch}: mean training loss is {train_loss}")

@@ -20,7 +20,13 @@ def digits():
 
 
 def as_split(images, labels):
-    return Split(images.reshape(len(images), -1).astype(np.float32) / 255, labels.astype(np.float32))
+    return Split(images.reshape(len(images), -1), labels)
+
+
+def test_device_scaling_is_bit_identical_to_numpy():
+    every_byte = np.arange(256, dtype=np.uint8)
+    on_device = to_device(Split(every_byte.reshape(1, -1), np.zeros(1, np.uint8)), mx.cpu()).x.asnumpy()
+    np.testing.assert_array_equal(on_device[0], every_byte.astype(np.float32) / 255)
 
 
 class FixedOrders(gluon.data.Sampler):
