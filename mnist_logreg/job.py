@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import signal
 import tempfile
 import threading
+import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -112,65 +115,109 @@ def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
     return out
 
 
+class Phases:
+    """Wall time per phase of a job, accumulated; logged as `timing.<phase>_s` tags."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def tags(self) -> dict[str, str]:
+        return {f"timing.{k}_s": f"{v:.3f}" for k, v in self.seconds.items()}
+
+
+def _log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None) -> None:
+    """Resolved config, model, plots, frozen requirements, git diff and Hydra's files, on the run."""
+    from .fingerprint import frozen_requirements, git_diff
+
+    with tempfile.TemporaryDirectory() as tmp:
+        art = _write_artifacts(cfg, net, test, (out_dir or Path(tmp)) / "artifacts",
+                               list(cfg.data.get("classes") or []) or None)
+        env_dir = art / "environment"
+        env_dir.mkdir(exist_ok=True)
+        (env_dir / "requirements.txt").write_text(frozen_requirements())
+        if git_diff():
+            (env_dir / "git.diff").write_text(git_diff())
+        run.log_artifacts(art)
+        if out_dir is not None and (out_dir / ".hydra").is_dir():
+            run.log_artifacts(out_dir / ".hydra", "hydra")
+
+
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one model as `cfg` says, track it in MLflow, and return its final metrics and run id.
 
     Everything that can be wrong with the input (config values, context, data files, tracking
     store) is checked before the MLflow run is created, so bad input leaves no run behind.
     """
+    clock = Phases()
     validate(cfg)
-    if cfg.context.threads:  # read by MXNet when it is first imported in this process
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.context.threads))
-    from .fingerprint import fingerprint_tags, frozen_requirements, git_diff, params_hash
-    from .model import build_net, make_context
-    from .training import NonFiniteLoss, evaluate, fit, make_trainer, to_device
+    with clock("imports"):
+        if cfg.context.threads:  # read by MXNet when it is first imported in this process
+            os.environ.setdefault("OMP_NUM_THREADS", str(cfg.context.threads))
+        from .fingerprint import fingerprint_tags, params_hash
+        from .model import build_net, make_context
+        from .training import NonFiniteLoss, evaluate, fit, make_trainer, to_device
 
-    ctx = make_context(cfg.context.device, cfg.context.index)
-    d = cfg.data
-    files = data_mod.locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors),
-                            dict(d.md5), timeout=d.download_timeout)
-    train_split, test_split = data_mod.load(files)
+    with clock("data"):
+        ctx = make_context(cfg.context.device, cfg.context.index)
+        d = cfg.data
+        files = data_mod.locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors),
+                                dict(d.md5), timeout=d.download_timeout)
+        train_split, test_split = data_mod.load(files)
 
-    out_dir, overrides = _hydra_job()
-    client, experiment_id, sweep_tags = _experiment(cfg)
-    fp_tags = fingerprint_tags(cfg, files.digest())
-    if not cfg.force:
-        done = finished_run_with(client, experiment_id, fp_tags["fingerprint"])
-        if done is not None:
-            log.info("skipped: run %s already FINISHED this config on this code and data "
-                     "(force=true runs it again)", done.info.run_id)
-            return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
-    tags = {
-        TAG_ROLE: "job",
-        "context": str(ctx),
-        "data.root": str(files.root),
-        "hydra.overrides": redact(" ".join(overrides)),
-        "command": command_line(),
-        **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
-        **environment_tags(),
-        **fp_tags,
-        **sweep_tags,
-        **dict(extra_tags or {}),
-    }
-    run = RunLog.create(client, experiment_id, ",".join(overrides) or "defaults", tags)
+    with clock("store"):
+        out_dir, overrides = _hydra_job()
+        client, experiment_id, sweep_tags = _experiment(cfg)
+        fp_tags = fingerprint_tags(cfg, files.digest())
+        if not cfg.force:
+            done = finished_run_with(client, experiment_id, fp_tags["fingerprint"])
+            if done is not None:
+                log.info("skipped: run %s already FINISHED this config on this code and data "
+                         "(force=true runs it again)", done.info.run_id)
+                return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
+        tags = {
+            TAG_ROLE: "job",
+            "context": str(ctx),
+            "data.root": str(files.root),
+            "hydra.overrides": redact(" ".join(overrides)),
+            "command": command_line(),
+            **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
+            **environment_tags(),
+            **fp_tags,
+            **sweep_tags,
+            **dict(extra_tags or {}),
+        }
+        run = RunLog.create(client, experiment_id, ",".join(overrides) or "defaults", tags)
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}
     restore_sigterm = _sigterm_as_interrupt()
     try:
-        run.log_params(flatten(cfg))
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
-        net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
-        trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
-        train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
-        run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
+        with clock("logging"):
+            run.log_params(flatten(cfg))
+        with clock("setup"):
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
+            net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
+            trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
+            train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
+        with clock("logging"):
+            run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
         log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
         progress = _progress(cfg.trainer.epochs)
 
         def on_epoch(m) -> None:
-            run.log_metrics(m.epoch, m.as_metrics())
+            with clock("logging"):
+                run.log_metrics(m.epoch, m.as_metrics())
+            clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
             progress(m)
 
         try:
@@ -185,18 +232,9 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             log.error("run %s stopped: %s (lower optim.lr or model.sigma)", run.run_id, exc)
             result.update(status="FAILED", failure=str(exc))
             return result
-        run.set_tags({"params.sha256": params_hash(net)})
-        with tempfile.TemporaryDirectory() as tmp:
-            art = _write_artifacts(cfg, net, test_d, (out_dir or Path(tmp)) / "artifacts",
-                                   list(d.get("classes") or []) or None)
-            env_dir = art / "environment"
-            env_dir.mkdir(exist_ok=True)
-            (env_dir / "requirements.txt").write_text(frozen_requirements())
-            if git_diff():
-                (env_dir / "git.diff").write_text(git_diff())
-            run.log_artifacts(art)
-            if out_dir is not None and (out_dir / ".hydra").is_dir():
-                run.log_artifacts(out_dir / ".hydra", "hydra")
+        with clock("artifacts"):
+            run.set_tags({"params.sha256": params_hash(net)})
+            _log_artifacts(run, cfg, net, test_d, out_dir)
         status = "FINISHED"
         result.update(history[-1].as_metrics(), status=status, epochs=len(history))
         return result
@@ -206,9 +244,11 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
         raise
     finally:
         restore_sigterm()
-        run.end(status)
+        try:
+            run.set_tags(clock.tags())
+        finally:
+            run.end(status)
         log.info("MLflow run %s ended %s", run.run_id, status)
-
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
