@@ -35,15 +35,22 @@ SWEEP = ["-m", "optim.lr=0.05,0.1,0.5"]
 
 def tutorial_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
     """The tutorial's loop as written there: DataLoader with a per-sample transform, a sync per
-    batch (asscalar), mx.metric.Accuracy over both splits after each epoch. Returns (train_s, eval_s) lists."""
+    batch (asscalar), mx.metric.Accuracy over both splits after each epoch. Returns (train_s, eval_s) lists.
+
+    The datasets hold what gluon.data.vision.MNIST holds (a uint8 NDArray of (N, 28, 28, 1) images
+    and int32 labels), so the per-sample transform runs on NDArrays as in the tutorial.
+    """
     import mxnet as mx
     from mxnet import autograd, gluon, nd
 
     def transform(data, label):
         return data.astype(np.float32) / 255, label.astype(np.float32)
 
-    train_ds = gluon.data.ArrayDataset(split_train.images, split_train.labels).transform(transform)
-    test_ds = gluon.data.ArrayDataset(split_test.images, split_test.labels).transform(transform)
+    def dataset(split: Split):
+        images = nd.array(split.images.reshape(-1, 28, 28, 1), dtype=np.uint8)
+        return gluon.data.ArrayDataset(images, split.labels.astype(np.int32)).transform(transform)
+
+    train_ds, test_ds = dataset(split_train), dataset(split_test)
     train_data = gluon.data.DataLoader(train_ds, batch_size, shuffle=True)
     test_data = gluon.data.DataLoader(test_ds, batch_size, shuffle=False)
     mx.random.seed(seed)
