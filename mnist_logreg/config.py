@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Any, Callable
@@ -67,12 +68,25 @@ def validate(cfg: DictConfig) -> None:
         check_value(key, value)
 
 
-_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+# scheme://user:password@ , also as Hydra prints overrides (with its colons escaped: http\://u\:p@).
+_SECRET_IN_URI = re.compile(
+    r"(?P<scheme>[a-zA-Z][\w+.-]*\\?://)(?P<user>[^:/@\s\\]+)(?P<sep>\\?:)(?P<pw>[^@/\s]+)@"
+)
 
 
 def redact(text: str) -> str:
     """Hide the password of every user:password@ URI in text."""
-    return _SECRET_IN_URI.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_IN_URI.sub(lambda m: f"{m['scheme']}{m['user']}{m['sep']}***@", text)
+
+
+class RedactPasswords(logging.Filter):
+    """A logging filter that hides passwords in URIs (used by conf/hydra/*_logging/redacted.yaml)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = redact(message), ()
+        return True
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:

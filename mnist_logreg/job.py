@@ -147,7 +147,11 @@ def _log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None
             (env_dir / "git.diff").write_text(git_diff())
         run.log_artifacts(art)
         if out_dir is not None and (out_dir / ".hydra").is_dir():
-            run.log_artifacts(out_dir / ".hydra", "hydra")
+            hydra_dir = Path(tmp) / "hydra"
+            hydra_dir.mkdir()
+            for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
+                (hydra_dir / f.name).write_text(redact(f.read_text()))
+            run.log_artifacts(hydra_dir, "hydra")
 
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
@@ -194,7 +198,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             **sweep_tags,
             **dict(extra_tags or {}),
         }
-        run = RunLog.create(client, experiment_id, ",".join(overrides) or "defaults", tags)
+        run = RunLog.create(client, experiment_id, redact(",".join(overrides)) or "defaults", tags)
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import http.client
 import os
 import platform
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -28,8 +33,36 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError within `timeout` seconds when the tracking server at uri does not answer.
+
+    MLflow's own client retries for minutes before it gives up; a sweep should not start then.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    bare = urllib.parse.urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
+                                    parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(bare)
+    user = parts.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = parts.password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingError(f"tracking server {redact(uri)} refused the credentials (HTTP {exc.code}): "
+                                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from exc
+        return  # it answered: an older server without /health
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"tracking server {redact(uri)} is unreachable ({reason}): start it "
+                            f"(mlflow server --host 127.0.0.1 --port {parts.port or 80} ...) or fix tracking.uri") from exc
+
+
 def client_for(uri: str):
-    """An MlflowClient on uri, after checking that a SQLite store's folder exists."""
+    """An MlflowClient on uri, after checking that a SQLite store's folder exists or a server answers."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
@@ -37,7 +70,24 @@ def client_for(uri: str):
         raise TrackingError(
             f"tracking.uri={uri}: folder {db.parent} does not exist; create it or set tracking.uri"
         )
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+        uri = move_credentials_to_env(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def move_credentials_to_env(uri: str) -> str:
+    """http://user:pw@host -> http://host, with user and password in MLflow's credential variables.
+
+    MLflow prints the tracking URI in its run links; without this it would print the password.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def existing_store_client(uri: str):
