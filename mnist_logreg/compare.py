@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HarnessError, exit_on_error
-from .tracking import TAG_ROLE, TAG_SWEEP, existing_store_client
+from .tracking import TAG_REUSED, TAG_ROLE, TAG_SWEEP, existing_store_client
 
 HIDDEN_PARAMS = {"tracking.uri"}
 
@@ -28,16 +28,21 @@ def latest_sweep(client, experiment_id: str) -> str:
     return parents[0].data.tags[TAG_SWEEP]
 
 
-def sweep_runs(uri: str, experiment_id: str, sweep: str) -> pd.DataFrame:
-    """The sweep's job runs as mlflow.search_runs returns them: one row per run."""
+def sweep_runs(uri: str, experiment_id: str, sweep: str, reused: list[str] = ()) -> pd.DataFrame:
+    """The sweep's job runs as mlflow.search_runs returns them, one row per run, plus the runs
+    that skipped jobs of the sweep reused (finished earlier with the same fingerprint)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(
+    found = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=f"tags.`{TAG_ROLE}` = 'job' and tags.{TAG_SWEEP} = '{sweep}'",
         output_format="pandas",
     )
+    extra = [mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"attributes.run_id = '{rid}'",
+                                output_format="pandas") for rid in reused if rid not in set(found.get("run_id", []))]
+    frames = [f for f in (found, *extra) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else found
 
 
 def swept_axes(runs: pd.DataFrame) -> list[str]:
@@ -115,7 +120,7 @@ def plot_curves(table: pd.DataFrame, curves, path: Path) -> Path:
     return path
 
 
-def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
+def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path, averaged: list[str] = ()) -> Path:
     """Final test accuracy over two swept axes (mean where other axes, such as seeds, repeat a cell)."""
     from .plots import _pyplot
 
@@ -128,6 +133,8 @@ def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path) -> Path:
     ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
+    if averaged:
+        ax.set_title(f"mean over {', '.join(averaged)}", fontsize=9)
     middle = (grid.values.min() + grid.values.max()) / 2
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
@@ -166,7 +173,10 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     if exp is None:
         raise HarnessError(f"experiment {experiment!r} does not exist in {uri}: check --experiment/--tracking-uri")
     sweep = sweep or latest_sweep(client, exp.experiment_id)
-    runs = sweep_runs(uri, exp.experiment_id, sweep)
+    parents = client.search_runs([exp.experiment_id],
+                                 filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.{TAG_SWEEP} = '{sweep}'")
+    reused = [k.split(".", 1)[1] for p in parents for k in p.data.tags if k.startswith(f"{TAG_REUSED}.")]
+    runs = sweep_runs(uri, exp.experiment_id, sweep, reused)
     if runs.empty:
         raise HarnessError(f"sweep {sweep!r} has no runs in experiment {experiment!r}: check --sweep")
     curves = histories(client, runs["run_id"])
@@ -175,16 +185,16 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     output.mkdir(parents=True, exist_ok=True)
     table.to_csv(output / "comparison.csv", index=False)
     plot_curves(table, curves, output / "learning_curves.png")
-    axes = [a for a in swept_axes(runs) if a != "seed"]
-    if len(axes) == 2:
-        plot_heatmap(table, axes[0], axes[1], output / "heatmap.png")
+    order = ["optim.lr", "model.sigma", "data.batch_size"]
+    axes = sorted((a for a in swept_axes(runs) if a != "seed"),
+                  key=lambda a: order.index(a) if a in order else len(order))
+    if len(axes) >= 2:  # more axes: the first two, averaged over the others
+        plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", averaged=axes[2:])
     spread = seed_spread(table)
     if spread is not None:
         spread.to_csv(output / "seeds.csv", index=False)
         plot_seeds(spread, output / "seeds.png")
     if log_to_parent:
-        parents = client.search_runs([exp.experiment_id],
-                                     filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.{TAG_SWEEP} = '{sweep}'")
         for parent in parents:
             client.log_artifacts(parent.info.run_id, str(output), "compare")
     return table, output

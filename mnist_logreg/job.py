@@ -24,6 +24,7 @@ from .errors import exit_on_error
 from .tracking import (
     TAG_FAILURE,
     TAG_PARENT,
+    TAG_REUSED,
     TAG_ROLE,
     TAG_SWEEP,
     RunLog,
@@ -34,6 +35,8 @@ from .tracking import (
 )
 
 log = logging.getLogger(__name__)
+# How long a sweep's job waits for a tracking server that stopped answering mid-sweep.
+SERVER_PATIENCE_S = 300.0
 
 
 def _hydra_job() -> tuple[Path | None, list[str]]:
@@ -49,10 +52,12 @@ def _hydra_job() -> tuple[Path | None, list[str]]:
 def _experiment(cfg: DictConfig) -> tuple[Any, str, dict[str, str]]:
     """The client, the experiment id and the sweep tags: the sweep's parent in a multirun."""
     uri = cfg.tracking.uri
-    client = client_for(uri)
     sweep = sweep_mod.current()
     if sweep is not None and sweep.tracking_uri == uri:
+        # The launching process found the store up: ride out a restart instead of failing the sweep.
+        client = client_for(uri, patience=SERVER_PATIENCE_S)
         return client, sweep.experiment_id, {TAG_SWEEP: sweep.sweep, TAG_PARENT: sweep.parent_run_id}
+    client = client_for(uri)
     return client, ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location), {}
 
 
@@ -185,6 +190,8 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             if done is not None:
                 log.info("skipped: run %s already FINISHED this config on this code and data "
                          "(force=true runs it again)", done.info.run_id)
+                if TAG_PARENT in sweep_tags:  # so the sweep's comparison still shows this point
+                    client.set_tag(sweep_tags[TAG_PARENT], f"{TAG_REUSED}.{done.info.run_id}", "skipped")
                 return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
         tags = {
             TAG_ROLE: "job",

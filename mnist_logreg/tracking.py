@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import http.client
 import os
 import platform
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,12 +20,15 @@ from typing import Iterable, Mapping
 from .config import redact
 from .errors import TrackingError
 
+log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Tags the harness sets; the MLflow UI nests a run under the run named by mlflow.parentRunId.
 TAG_SWEEP = "sweep"
 TAG_ROLE = "mnist_logreg.role"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_FAILURE = "failure"
+# On a sweep's parent run, `reused.<run id>` names a FINISHED run a skipped job stood for.
+TAG_REUSED = "reused"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -61,8 +66,26 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                             f"(mlflow server --host 127.0.0.1 --port {parts.port or 80} ...) or fix tracking.uri") from exc
 
 
-def client_for(uri: str):
-    """An MlflowClient on uri, after checking that a SQLite store's folder exists or a server answers."""
+def wait_for_server(uri: str, patience: float) -> None:
+    """check_server, retried with exponential backoff for up to `patience` seconds."""
+    deadline, delay = time.monotonic() + patience, 1.0
+    while True:
+        try:
+            return check_server(uri)
+        except TrackingError:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("tracking server %s is unreachable; retrying in %.0fs", redact(uri), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def client_for(uri: str, patience: float = 0.0):
+    """An MlflowClient on uri, after checking that a SQLite store's folder exists or a server answers.
+
+    patience: how long to wait for a server that does not answer (0: fail at once). A sweep's jobs
+    wait, since the launching process already found the server up; a new command fails fast.
+    """
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
@@ -71,7 +94,7 @@ def client_for(uri: str):
             f"tracking.uri={uri}: folder {db.parent} does not exist; create it or set tracking.uri"
         )
     if uri.startswith(("http://", "https://")):
-        check_server(uri)
+        wait_for_server(uri, patience)
         uri = move_credentials_to_env(uri)
     return MlflowClient(tracking_uri=uri)
 

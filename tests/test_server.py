@@ -70,3 +70,15 @@ def test_unreachable_server_fails_fast_and_plainly(tmp_path, mnist5k_root):
     assert elapsed < 60  # not MLflow's minutes of retries
     assert not (tmp_path / "outputs" / "sweeps").exists() or not any(
         (tmp_path / "outputs" / "sweeps").rglob("*.log"))  # no job started
+
+
+def test_soak_at_reduced_size(tmp_path, mnist5k_root):
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql (apt-get install postgresql)")
+    proc = run_cli(["--jobs", "12", "--workers", "2", "--epochs", "1", "--data-root", str(mnist5k_root)],
+                   cwd=tmp_path, module="mnist_logreg.soak")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = __import__("json").loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["runs_recorded"] == 12 and report["runs_finished"] == 12 and report["errors"] == 0
+    assert report["metric_points_recorded"] == report["metric_points_expected"] == 12 * 8
+    assert report["server_restarted_at_s"] is not None  # the server really went down mid-sweep

@@ -103,6 +103,10 @@ def test_relaunch_skips_finished_reruns_failed_and_force(tmp_path, mnist5k_root)
     _, jobs, _ = jobs_and_parents(tmp_path)
     statuses = sorted((r.data.params["optim.lr"], r.info.status) for r in jobs)
     assert statuses == [("0.1", "FINISHED"), ("1e+38", "FAILED"), ("1e+38", "FAILED")]
+    latest = sorted((tmp_path / "outputs" / "sweeps").glob("*/*/compare/comparison.csv"))[-1]
+    with open(latest) as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["status"] for r in rows) == ["FAILED", "FINISHED"]  # the skipped point is still compared
     forced = run_cli([*args, "force=true"], cwd=tmp_path)
     assert forced.returncode == 0 and "skipped" not in forced.stdout
     _, jobs, _ = jobs_and_parents(tmp_path)
