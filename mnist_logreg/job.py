@@ -71,16 +71,42 @@ def finished_run_with(client, experiment_id: str, fingerprint: str):
     return runs[0] if runs else None
 
 
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (a scheduler's or `kill`'s stop) as Ctrl-C, so the run ends KILLED, not RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM stop the job as KeyboardInterrupt, so its run ends KILLED, but
+    never in the middle of an MLflow write: one cut short can leave a SQLite store locked, so a
+    signal that arrives inside `deferred()` takes effect when the write is done."""
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def __init__(self) -> None:
+        self._pending: int | None = None
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._depth:
+            self._pending = signum
+        else:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending is not None:
+                signum, self._pending = self._pending, None
+                raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress(epochs: int):
@@ -209,9 +235,10 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}
-    restore_sigterm = _sigterm_as_interrupt()
+    signals = StopSignals()
+    signals.install()
     try:
-        with clock("logging"):
+        with clock("logging"), signals.deferred():
             run.log_params(flatten(cfg))
         with clock("setup"):
             random.seed(cfg.seed)
@@ -220,13 +247,13 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
             trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
             train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
-        with clock("logging"):
+        with clock("logging"), signals.deferred():
             run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
         log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
         progress = _progress(cfg.trainer.epochs)
 
         def on_epoch(m) -> None:
-            with clock("logging"):
+            with clock("logging"), signals.deferred():
                 run.log_metrics(m.epoch, m.as_metrics())
             clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
             progress(m)
@@ -239,11 +266,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
                 stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
             )
         except NonFiniteLoss as exc:
-            run.set_tags({TAG_FAILURE: f"non-finite loss: {exc}"})
+            with signals.deferred():
+                run.set_tags({TAG_FAILURE: f"non-finite loss: {exc}"})
             log.error("run %s stopped: %s (lower optim.lr or model.sigma)", run.run_id, exc)
             result.update(status="FAILED", failure=str(exc))
             return result
-        with clock("artifacts"):
+        with clock("artifacts"), signals.deferred():
             run.set_tags({"params.sha256": params_hash(net)})
             _log_artifacts(run, cfg, net, test_d, out_dir)
         status = "FINISHED"
@@ -254,7 +282,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
         sweep_mod.mark_interrupted()
         raise
     finally:
-        restore_sigterm()
+        signals.restore()  # a second Ctrl-C from here on stops at once
         try:
             run.set_tags(clock.tags())
         finally:
