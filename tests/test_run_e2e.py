@@ -87,16 +87,26 @@ def test_sweep_on_real_digits(tmp_path, mnist5k_root):
     assert np.mean(pred == test.y) == pytest.approx(history(client, run.info.run_id, "test_acc")[-1][1])
 
 
-def test_single_run_full_fashion_mnist(tmp_path, fashion_root):
-    proc = run_cli(["data=fashion_mnist", "trainer.epochs=2"], cwd=tmp_path)
+def test_sweep_on_full_fashion_mnist(tmp_path, fashion_root):
+    proc = run_cli(["-m", "data=fashion_mnist", "optim.lr=0.1,0.5", "trainer.epochs=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     client, runs = runs_of(tmp_path)
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
-    assert run.data.tags["data.root"] == str(fashion_root)
-    assert run.data.metrics["test_acc"] > 0.7  # Fashion-MNIST after two epochs; chance is 0.1
-    assert (tmp_path / "outputs" / "runs").is_dir()
+    jobs = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"]
+    assert len(runs) == 3 and len(jobs) == 2
+    for run in jobs:
+        assert run.info.status == "FINISHED" and "mlflow.parentRunId" in run.data.tags
+        assert run.data.tags["data.root"] == str(fashion_root)
+        assert run.data.params["data.name"] == "fashion_mnist"
+        assert run.data.metrics["test_acc"] > 0.7  # Fashion-MNIST after one epoch; chance is 0.1
+
+
+def test_single_run_has_no_parent(tmp_path, mnist5k_root):
+    proc = run_cli(["trainer.epochs=1", f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, runs = runs_of(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in runs[0].data.tags and "sweep" not in runs[0].data.tags
+    assert (tmp_path / "outputs" / "runs").is_dir() and not (tmp_path / "outputs" / "sweeps").exists()
 
 
 def _no_runs(folder):
