@@ -46,6 +46,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "context.index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "context.threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "force": (lambda v: isinstance(v, bool), "true or false"),
+    "resume": (lambda v: v is None or _nonempty_str(v), "null or the id of a KILLED or FAILED run"),
     "tracking.uri": (_nonempty_str, "a tracking URI such as sqlite:///mlflow.db"),
     "tracking.experiment": (_nonempty_str, "a non-empty experiment name"),
 }

@@ -18,7 +18,7 @@ from .tracking import PROJECT_ROOT, git_state
 # Config keys that say where things are, not what is computed: left out of the config hash, so a
 # run moved to another store, cache folder or mirror still matches its original.
 LOCATION_KEYS = ("tracking", "data.root", "data.cache", "data.search", "data.mirrors", "data.md5",
-                 "data.download_timeout", "force")
+                 "data.download_timeout", "force", "resume")
 # Environment variables that can change the bits MXNet and OpenBLAS compute.
 THREAD_VARS = ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_ENGINE_TYPE",
                "MXNET_USE_OPERATOR_TUNING", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE")

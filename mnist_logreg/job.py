@@ -6,21 +6,24 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpoint
 from . import data as data_mod
 from . import sweep as sweep_mod
 from .config import flatten, redact, validate
-from .errors import exit_on_error
+from .errors import ConfigError, TrackingError, exit_on_error
 from .tracking import (
     TAG_FAILURE,
     TAG_PARENT,
@@ -37,6 +40,40 @@ from .tracking import (
 log = logging.getLogger(__name__)
 # How long a sweep's job waits for a tracking server that stopped answering mid-sweep.
 SERVER_PATIENCE_S = 300.0
+
+
+@dataclass
+class Resumed:
+    client: Any
+    run: Any
+    checkpoint: Path
+
+
+def _resumable(cfg: DictConfig) -> tuple[Resumed, DictConfig]:
+    """The run named by resume=RUN_ID, its config as logged, and its last checkpoint, downloaded."""
+    from mlflow.exceptions import MlflowException
+
+    from .reproduce import config_from_run
+
+    client = client_for(cfg.tracking.uri)
+    try:
+        run = client.get_run(cfg.resume)
+    except MlflowException as exc:
+        raise ConfigError(f"resume={cfg.resume}: no such run in {redact(cfg.tracking.uri)}; "
+                          "check the run id and tracking.uri") from exc
+    if run.info.status not in ("KILLED", "FAILED"):
+        raise ConfigError(f"resume={cfg.resume}: the run is {run.info.status}; only KILLED or FAILED "
+                          "runs can be resumed")
+    folder = Path(tempfile.mkdtemp(prefix="mnist_logreg_resume_"))
+    try:
+        local = Path(client.download_artifacts(run.info.run_id, "checkpoint", str(folder)))
+    except Exception as exc:
+        raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint (it stopped before its "
+                          "first epoch ended); train it again instead") from exc
+    resumed_cfg = config_from_run(client, run)
+    resumed_cfg.tracking.uri, resumed_cfg.resume, resumed_cfg.force = cfg.tracking.uri, cfg.resume, True
+    validate(resumed_cfg)
+    return Resumed(client, run, local), resumed_cfg
 
 
 def _hydra_job() -> tuple[Path | None, list[str]]:
@@ -121,13 +158,12 @@ def _progress(epochs: int):
 
 
 def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
-    """Resolved config, exported model, sample predictions and confusion matrix, under out/."""
+    """Exported model, sample predictions and confusion matrix, under out/."""
     from mxnet import nd
 
     from .plots import confusion_matrix, plot_confusion, plot_predictions
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     model_dir = out / "model"
     model_dir.mkdir(exist_ok=True)
     net.export(str(model_dir / "model"), epoch=0)  # model-symbol.json + model-0000.params
@@ -165,24 +201,43 @@ class Phases:
 
 
 def _log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None) -> None:
-    """Resolved config, model, plots, frozen requirements, git diff and Hydra's files, on the run."""
+    """Model, plots, frozen requirements, git diff and Hydra's files: staged in one folder, then
+    uploaded in one call. When the disk fills up (or any write fails), the files already copied
+    are removed again, so no half-written artifact is left looking complete."""
     from .fingerprint import frozen_requirements, git_diff
 
     with tempfile.TemporaryDirectory() as tmp:
-        art = _write_artifacts(cfg, net, test, (out_dir or Path(tmp)) / "artifacts",
-                               list(cfg.data.get("classes") or []) or None)
-        env_dir = art / "environment"
-        env_dir.mkdir(exist_ok=True)
-        (env_dir / "requirements.txt").write_text(frozen_requirements())
-        if git_diff():
-            (env_dir / "git.diff").write_text(git_diff())
-        run.log_artifacts(art)
-        if out_dir is not None and (out_dir / ".hydra").is_dir():
-            hydra_dir = Path(tmp) / "hydra"
-            hydra_dir.mkdir()
-            for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
-                (hydra_dir / f.name).write_text(redact(f.read_text()))
-            run.log_artifacts(hydra_dir, "hydra")
+        art = (out_dir or Path(tmp)) / "artifacts"
+        try:
+            _write_artifacts(cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
+            (art / "environment").mkdir(exist_ok=True)
+            (art / "environment" / "requirements.txt").write_text(frozen_requirements())
+            if git_diff():
+                (art / "environment" / "git.diff").write_text(git_diff())
+            if out_dir is not None and (out_dir / ".hydra").is_dir():
+                (art / "hydra").mkdir(exist_ok=True)
+                for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
+                    (art / "hydra" / f.name).write_text(redact(f.read_text()))
+            run.log_artifacts(art)
+        except OSError as exc:
+            _remove_uploaded(run, art)
+            raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
+                                "free space where outputs/ and the experiment's artifacts live, then rerun "
+                                "the job") from exc
+
+
+def _remove_uploaded(run: RunLog, staged: Path) -> None:
+    """Delete from a local artifact store the files of `staged` that an interrupted upload wrote."""
+    from urllib.parse import unquote, urlparse
+
+    uri = run.client.get_run(run.run_id).info.artifact_uri
+    if not uri.startswith("file:"):
+        return
+    dest = Path(unquote(urlparse(uri).path))
+    for f in staged.rglob("*") if staged.is_dir() else []:
+        target = dest / f.relative_to(staged)
+        if target.is_file():
+            target.unlink()
 
 
 def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
@@ -193,6 +248,9 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
     """
     clock = Phases()
     validate(cfg)
+    resumed = None
+    if cfg.resume:  # continue a KILLED or FAILED run from its last checkpoint, into the same run
+        resumed, cfg = _resumable(cfg)
     with clock("imports"):
         if cfg.context.threads:  # read by MXNet when it is first imported in this process
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.context.threads))
@@ -209,9 +267,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
 
     with clock("store"):
         out_dir, overrides = _hydra_job()
-        client, experiment_id, sweep_tags = _experiment(cfg)
+        if resumed is not None:
+            client, experiment_id, sweep_tags = resumed.client, resumed.run.info.experiment_id, {}
+        else:
+            client, experiment_id, sweep_tags = _experiment(cfg)
         fp_tags = fingerprint_tags(cfg, files.digest())
-        if not cfg.force:
+        if not cfg.force and resumed is None:
             done = finished_run_with(client, experiment_id, fp_tags["fingerprint"])
             if done is not None:
                 log.info("skipped: run %s already FINISHED this config on this code and data "
@@ -231,30 +292,51 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             **sweep_tags,
             **dict(extra_tags or {}),
         }
-        run = RunLog.create(client, experiment_id, redact(",".join(overrides)) or "defaults", tags)
+        if resumed is not None:
+            client.update_run(resumed.run.info.run_id, status="RUNNING")
+            run = RunLog(client, resumed.run.info.run_id)
+            run.set_tags({"resumed.command": command_line()})
+        else:
+            run = RunLog.create(client, experiment_id, redact(",".join(overrides)) or "defaults", tags)
+    remote = str(cfg.tracking.uri).startswith(("http://", "https://"))
+    work_dir = out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
+    if remote:  # metrics wait here while the server is unreachable, and are sent when it is back
+        run.spool = work_dir / f"metrics-{run.run_id}.spool.jsonl"
+    patience = SERVER_PATIENCE_S if remote else 0.0
     log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
     status = "FAILED"
     result: dict[str, Any] = {"run_id": run.run_id}
     signals = StopSignals()
     signals.install()
+    ckpt_dir = work_dir / "checkpoint"
     try:
-        with clock("logging"), signals.deferred():
-            run.log_params(flatten(cfg))
         with clock("setup"):
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             train_d, test_d = to_device(train_split, ctx), to_device(test_split, ctx)
             net = build_net(cfg.model.num_outputs, cfg.model.sigma, ctx, cfg.seed)
             trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
-            train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
-        with clock("logging"), signals.deferred():
-            run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
-        log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
+            rng, start_epoch = np.random.default_rng(cfg.seed), 1
+            if resumed is not None:
+                done_epochs, rng = checkpoint.load(resumed.checkpoint, net, trainer)
+                start_epoch = done_epochs + 1
+                log.info("resuming run %s after epoch %d", run.run_id, done_epochs)
+            else:
+                train_acc, test_acc = evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)
+        if resumed is None:
+            with clock("logging"), signals.deferred():
+                run.log_params(flatten(cfg))
+                # The resolved config, from the start: reproduce and resume rebuild the run from it.
+                run.client.log_text(run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+                run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
+            log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
         progress = _progress(cfg.trainer.epochs)
 
         def on_epoch(m) -> None:
+            # Metrics and checkpoint of an epoch are written together, never split by a signal.
             with clock("logging"), signals.deferred():
                 run.log_metrics(m.epoch, m.as_metrics())
+                checkpoint.save(ckpt_dir, m.epoch, net, trainer, rng)
             clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
             progress(m)
 
@@ -263,7 +345,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
                 net, trainer, train_d, test_d,
                 epochs=cfg.trainer.epochs, batch_size=d.batch_size, seed=cfg.seed,
                 eval_chunk=cfg.trainer.eval_batch_size, on_epoch=on_epoch,
-                stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+                stop_on_nonfinite=cfg.trainer.stop_on_nonfinite, start_epoch=start_epoch, rng=rng,
             )
         except NonFiniteLoss as exc:
             with signals.deferred():
@@ -272,6 +354,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
             result.update(status="FAILED", failure=str(exc))
             return result
         with clock("artifacts"), signals.deferred():
+            run.drain(patience)
             run.set_tags({"params.sha256": params_hash(net)})
             _log_artifacts(run, cfg, net, test_d, out_dir)
         status = "FINISHED"
@@ -285,8 +368,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
         signals.restore()  # a second Ctrl-C from here on stops at once
         try:
             run.set_tags(clock.tags())
+            if status != "FINISHED" and checkpoint.latest(ckpt_dir) is not None:
+                run.log_artifacts(checkpoint.latest(ckpt_dir), "checkpoint")  # for resume=RUN_ID
         finally:
-            run.end(status)
+            run.end(status, patience)
+            if out_dir is None:
+                shutil.rmtree(work_dir, ignore_errors=True)
         log.info("MLflow run %s ended %s", run.run_id, status)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
+import json
 import logging
 import http.client
 import os
@@ -15,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from .config import redact
 from .errors import TrackingError
@@ -197,9 +199,10 @@ def chunks(items: list, size: int) -> Iterable[list]:
 class RunLog:
     """One MLflow run written through MlflowClient (no global active-run state, so jobs can share a process)."""
 
-    def __init__(self, client, run_id: str) -> None:
+    def __init__(self, client, run_id: str, spool: Path | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.spool = spool  # where metrics wait while the store is unreachable (None: raise)
 
     @classmethod
     def create(cls, client, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> "RunLog":
@@ -222,19 +225,94 @@ class RunLog:
             self.client.log_batch(self.run_id, tags=part)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Log several metrics at one step in a single call."""
-        import time
+        """Log several metrics at one step in a single call.
 
+        When the store does not answer (after MLflow's retries), the points go to a local spool
+        file instead and training goes on; they are sent with the next call that gets through,
+        or at the end of the run.
+        """
+        points = [(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()]
+        if self.spool is not None and self.spool.exists():
+            self.flush()
+        try:
+            self._send(points)
+        except Exception as exc:
+            if self.spool is None or not _unreachable(exc):
+                raise
+            with open(self.spool, "a") as fh:
+                fh.write(json.dumps(points) + "\n")
+            log.warning("tracking store unreachable (%s): metrics of step %d kept in %s",
+                        type(exc).__name__, step, self.spool)
+
+    def _send(self, points: list) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        )
+        with _few_retries(self.spool is not None):
+            self.client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
+
+    def flush(self) -> bool:
+        """Send the spooled metrics, if any; True when none are left."""
+        if self.spool is None or not self.spool.exists():
+            return True
+        try:
+            for line in self.spool.read_text().splitlines():
+                self._send(json.loads(line))
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            return False
+        self.spool.unlink()
+        log.info("sent the spooled metrics of run %s", self.run_id)
+        return True
 
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
-    def end(self, status: str) -> None:
-        """Mark the run FINISHED, FAILED or KILLED."""
+    def end(self, status: str, patience: float = 0.0) -> None:
+        """Send any spooled metrics, then mark the run FINISHED, FAILED or KILLED."""
+        self.drain(patience)
         self.client.set_terminated(self.run_id, status)
+
+    def drain(self, patience: float = 0.0) -> None:
+        """Send the spooled metrics, retrying with backoff for up to `patience` seconds."""
+        deadline, delay = time.monotonic() + patience, 1.0
+        while not self.flush():
+            if time.monotonic() + delay > deadline:
+                raise TrackingError(f"the tracking store is still unreachable: the metrics of run "
+                                    f"{self.run_id} stay in {self.spool}")
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+@contextlib.contextmanager
+def _few_retries(active: bool) -> Iterator[None]:
+    """While active, MLflow gives up on an unanswered request after one quick retry (it reads these
+    variables on every request), so a spooling run does not stall for minutes on each epoch."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in names}
+    if active:
+        os.environ.update(names)
+    try:
+        yield
+    finally:
+        if active:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether exc means the store did not answer (as opposed to rejecting the request)."""
+    import requests
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return "Max retries exceeded" in text or "Connection" in text or "timed out" in text
+    return False

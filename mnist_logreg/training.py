@@ -115,8 +115,13 @@ def fit(
     eval_chunk: int = 10000,
     on_epoch: Callable[[EpochMetrics], None] = lambda m: None,
     stop_on_nonfinite: bool = True,
+    start_epoch: int = 1,
+    rng: np.random.Generator | None = None,
 ) -> list[EpochMetrics]:
-    """Train for `epochs` epochs of shuffled mini-batches; call on_epoch after each; return the history.
+    """Train epochs start_epoch..epochs of shuffled mini-batches; call on_epoch after each; return the history.
+
+    The batch order comes from rng (default: a generator seeded with seed, as batch_orders draws);
+    a resumed run passes the generator restored from its checkpoint.
 
     Each batch does what the tutorial does: forward and softmax cross-entropy under autograd,
     backward, trainer.step(batch_size). The losses stay on the device until the epoch ends; the
@@ -125,10 +130,10 @@ def fit(
     step_block = NetWithLoss(net)
     step_block.hybridize(static_alloc=True)
     n = len(train)
-    orders = batch_orders(seed, n)
+    rng = rng if rng is not None else np.random.default_rng(seed)
     history: list[EpochMetrics] = []
-    for epoch in range(1, epochs + 1):
-        order = nd.array(next(orders), ctx=train.x.context, dtype=np.int64)
+    for epoch in range(start_epoch, epochs + 1):
+        order = nd.array(rng.permutation(n), ctx=train.x.context, dtype=np.int64)
         xs, ys = nd.take(train.x, order), nd.take(train.y, order)
         losses = []
         t0 = time.perf_counter()

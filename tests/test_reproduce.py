@@ -23,15 +23,25 @@ def metrics_of(client, run):
     return {k: history(client, run.info.run_id, k) for k in ("train_loss", "train_acc", "test_acc")}
 
 
+def _logged(folder, mnist5k_root):
+    data = folder / "data"
+    shutil.copytree(mnist5k_root, data)
+    proc = run_cli(["-m", "optim.lr=0.1,0.5", "trainer.epochs=2", f"data.root={data}"], cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    client, runs = job_runs(folder)
+    return folder, data, client, runs
+
+
+@pytest.fixture(scope="module")
+def logged_shared(tmp_path_factory, mnist5k_root):
+    """A store with a two-job sweep, shared by the tests that only read it and add runs."""
+    return _logged(tmp_path_factory.mktemp("logged"), mnist5k_root)
+
+
 @pytest.fixture
 def logged(tmp_path, mnist5k_root):
-    """A store with a two-job sweep trained on a private copy of the digits (which tests may alter)."""
-    data = tmp_path / "data"
-    shutil.copytree(mnist5k_root, data)
-    proc = run_cli(["-m", "optim.lr=0.1,0.5", "trainer.epochs=2", f"data.root={data}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    client, runs = job_runs(tmp_path)
-    return tmp_path, data, client, runs
+    """A store with a two-job sweep trained on a private copy of the digits (which the test alters)."""
+    return _logged(tmp_path, mnist5k_root)
 
 
 def test_same_seed_identical_in_one_process_other_seed_differs(tmp_path, mnist5k_root):
@@ -45,8 +55,8 @@ def test_same_seed_identical_in_one_process_other_seed_differs(tmp_path, mnist5k
     assert first.data.tags["params.sha256"] != other.data.tags["params.sha256"]
 
 
-def test_fingerprint_is_logged(logged):
-    folder, _, client, runs = logged
+def test_fingerprint_is_logged(logged_shared):
+    folder, _, client, runs = logged_shared
     tags = runs[0].data.tags
     for key in ("config.sha256", "data.sha256", "git.commit", "git.diff.sha256", "uv.lock.sha256", "cpu.model",
                 "threads.OMP_NUM_THREADS", "threads.cpus", "params.sha256", "fingerprint", "command", "platform"):
@@ -58,20 +68,21 @@ def test_fingerprint_is_logged(logged):
     assert "mxnet==1.9.1" in open(reqs).read()
 
 
-def test_reproduce_passes_and_links_the_new_run(logged):
-    folder, _, client, runs = logged
+def test_reproduce_passes_and_links_the_new_run(logged_shared):
+    folder, _, client, runs = logged_shared
     proc = run_cli([runs[0].info.run_id], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "REPRODUCED" in proc.stdout and "NOT REPRODUCED" not in proc.stdout
     assert "train_loss      2" in proc.stdout  # the verdict table has every metric at every step
     _, all_runs = runs_of(folder)
     copies = [r for r in all_runs if r.data.tags.get("reproduces") == runs[0].info.run_id]
-    assert len(copies) == 1 and copies[0].data.tags["reproduction.verdict"] == "reproduced"
-    assert copies[0].data.tags["params.sha256"] == runs[0].data.tags["params.sha256"]
+    assert copies and all(c.data.tags["reproduction.verdict"] == "reproduced" for c in copies)
+    assert all(c.data.tags["params.sha256"] == runs[0].data.tags["params.sha256"] for c in copies)
+    assert all(c.data.tags["mnist_logreg.role"] == "reproduction" for c in copies)
 
 
-def test_reproduce_a_whole_sweep_into_another_store(logged, tmp_path_factory):
-    folder, _, client, runs = logged
+def test_reproduce_a_whole_sweep_into_another_store(logged_shared, tmp_path_factory):
+    folder, _, client, runs = logged_shared
     parent = runs[0].data.tags["mlflow.parentRunId"]
     other = tmp_path_factory.mktemp("other_store")
     proc = run_cli([parent, "--target-uri", store_uri(other)], cwd=folder, module="mnist_logreg.reproduce")
@@ -102,14 +113,14 @@ def test_changed_param_is_named(logged):
     assert "config optim.lr: 0.1 -> 0.2" in proc.stdout and "config.sha256:" in proc.stdout
 
 
-def test_tolerance(logged):
-    folder, _, _, runs = logged
+def test_tolerance(logged_shared):
+    folder, _, _, runs = logged_shared
     proc = run_cli([runs[0].info.run_id, "--atol", "1e-6"], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 0 and "atol=1e-06" in proc.stdout
 
 
-def test_unknown_run_id(tmp_path, logged):
-    folder = logged[0]
+def test_unknown_run_id(tmp_path, logged_shared):
+    folder = logged_shared[0]
     proc = run_cli(["0123456789abcdef0123456789abcdef"], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error: run 0123456789abcdef0123456789abcdef does not exist")

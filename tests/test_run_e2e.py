@@ -177,3 +177,27 @@ def test_interrupted_run_ends_killed_with_its_metrics(tmp_path, mnist5k_root, si
     assert len(runs) == 1 and runs[0].info.status == status
     steps = [s for s, _ in history(client, runs[0].info.run_id, "train_loss")]
     assert steps[:3] == [1, 2, 3]
+
+
+def test_full_disk_for_artifacts(tmp_path, mnist5k_root):
+    """Artifacts go to a 64 KiB tmpfs: one clear line, the run FAILED with its metrics, no partial files."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        proc = run_cli(["trainer.epochs=1", f"data.root={mnist5k_root}",
+                        f"tracking.artifact_location={full.as_uri()}"], cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]  # (MLflow logs creating the fresh store before it)
+        assert "could not store the artifacts" in line and "No space left" in line
+        assert "Traceback" not in proc.stderr
+        client, (run,) = runs_of(tmp_path)
+        assert run.info.status == "FAILED"
+        assert [s for s, _ in history(client, run.info.run_id, "train_loss")] == [1]
+        left = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+        # What is left is complete: the config logged at the start and the checkpoint for resume=.
+        assert left and all(p.endswith("config.yaml") or "/checkpoint/" in p for p in left), left
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)

@@ -1,12 +1,16 @@
 """Team tracking: a real PostgreSQL, a real `mlflow server` on it, parallel jobs logging over HTTP."""
 
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_logreg.services import MlflowServer, free_port, postgres, postgres_bin
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from test_run_e2e import artifact_paths, history
 
 pytestmark = pytest.mark.slow
@@ -56,6 +60,34 @@ def test_parallel_sweep_over_http_into_postgres(tmp_path, mnist5k_root, server):
     for path in __import__("pathlib").Path(local).rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".txt", ".json", ".diff"):
             assert PASSWORD not in path.read_text(errors="ignore"), path
+
+
+def test_metrics_survive_a_server_outage_mid_run(tmp_path, mnist5k_root, server):
+    """The server stops mid-run: the job spools its metrics, goes on training, and sends them later."""
+    env = {**os.environ, "MNIST_LOGREG_CACHE": str(tmp_path / "cache")}
+    epochs = 150
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "tracking=server", f"tracking.uri={server.url}",
+         f"trainer.epochs={epochs}", f"data.root={mnist5k_root}", "tracking.experiment=outage"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"epoch +3/", line):
+            break
+    server.stop()
+    time.sleep(4)
+    server.start()
+    out, _ = proc.communicate(timeout=600)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-3000:]
+    assert "kept in" in out and "sent the spooled metrics" in out
+    client = MlflowClient(server.url)
+    exp = client.get_experiment_by_name("outage")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "train_loss")] == list(range(1, epochs + 1))
+    assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == list(range(epochs + 1))
 
 
 def test_unreachable_server_fails_fast_and_plainly(tmp_path, mnist5k_root):
