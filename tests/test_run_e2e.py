@@ -125,11 +125,14 @@ def _no_runs(folder):
         (["context=tpu"], "context/tpu"),
         (["context=gpu"], "mxnet-cu"),
         (["-m", "context=cpu,gpu"], "mxnet-cu"),
+        (["data.root=/nonexistent/idx"], "data.root=/nonexistent/idx does not exist"),
+        (["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"], "folder /nonexistent/dir does not exist"),
     ],
 )
 def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
-    proc = run_cli([*args, f"data.root={mnist5k_root}", "trainer.epochs=1"] if "trainer.epochs=1.5" not in args
-                   else [*args, f"data.root={mnist5k_root}"], cwd=tmp_path)
+    defaults = [f"data.root={mnist5k_root}", "trainer.epochs=1"]
+    given = {a.split("=", 1)[0] for a in args}
+    proc = run_cli([*args, *(d for d in defaults if d.split("=", 1)[0] not in given)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], proc.stderr

@@ -115,12 +115,22 @@ def test_relaunch_skips_finished_reruns_failed_and_force(tmp_path, mnist5k_root)
 
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory, mnist5k_root):
-    """A store holding one lr x sigma x seed sweep (8 jobs, 2 epochs)."""
+    """A fresh SQLite store that 8 parallel jobs (4 joblib workers) wrote: an lr x sigma x seed sweep."""
     folder = tmp_path_factory.mktemp("sweep_store")
-    proc = run_cli(["-m", "optim.lr=0.1,0.5", "model.sigma=0.1,1.0", "seed=1,2", "trainer.epochs=2",
-                    f"data.root={mnist5k_root}"], cwd=folder)
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "optim.lr=0.1,0.5",
+                    "model.sigma=0.1,1.0", "seed=1,2", "trainer.epochs=2", f"data.root={mnist5k_root}"], cwd=folder)
     assert proc.returncode == 0, proc.stderr
     return folder
+
+
+def test_eight_writers_exact_counts(sweep_store):
+    client, jobs, parents = jobs_and_parents(sweep_store)
+    assert len(parents) == 1 and len(jobs) == 8
+    points = sum(len(client.get_metric_history(r.info.run_id, k)) for r in jobs
+                 for k in ("train_acc", "test_acc", "train_loss", "epoch_seconds", "eval_seconds",
+                           "examples_per_second"))
+    assert points == 8 * (2 * 3 + 4 * 2)
+    assert all(r.info.status == "FINISHED" for r in jobs)
 
 
 def test_compare_table_and_plots(sweep_store):
