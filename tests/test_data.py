@@ -70,19 +70,13 @@ def test_download_tries_mirrors_in_turn_and_checks_md5(tmp_path, mirror):
         assert hashlib.md5((dest / name).read_bytes()).hexdigest() == md5[name]
 
 
-def test_checksum_mismatch_everywhere_leaves_nothing(tmp_path, mirror):
+@pytest.mark.parametrize("kind, match", [("bad", "checksum mismatch"), ("cut", "none of the 1 mirrors")])
+def test_failed_download_leaves_no_file(tmp_path, mirror, kind, match):
+    """Wrong bytes everywhere, or a connection cut halfway: an error, and nothing left behind."""
     base, md5 = mirror
     dest = tmp_path / "cache"
-    with pytest.raises(DataError, match="checksum mismatch"):
-        download(dest, [f"{base}/bad/"], md5, "tiny")
-    assert _leftovers(dest) == []
-
-
-def test_interrupted_download_leaves_no_partial_file(tmp_path, mirror):
-    base, md5 = mirror
-    dest = tmp_path / "cache"
-    with pytest.raises(DataError, match="none of the 1 mirrors"):
-        download(dest, [f"{base}/cut/"], md5, "tiny")
+    with pytest.raises(DataError, match=match):
+        download(dest, [f"{base}/{kind}/"], md5, "tiny")
     assert _leftovers(dest) == []
 
 
