@@ -3,7 +3,6 @@
 import shutil
 import sqlite3
 
-import numpy as np
 import pytest
 
 from mnist_logreg.idx import read_idx, write_idx

@@ -2,18 +2,13 @@
 
 import csv
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from mnist_logreg.services import MlflowServer
 from conftest import ROOT, run_cli, store_uri
 from test_run_e2e import history, runs_of
 
@@ -168,12 +163,6 @@ def test_compare_on_an_empty_experiment(tmp_path, sweep_store):
     assert "\n" not in proc.stderr.strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(base, path, **query):
     with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=10) as resp:
         return json.load(resp)
@@ -187,22 +176,8 @@ def _post(base, path, body):
 
 
 def test_mlflow_server_shows_the_sweep(sweep_store):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(sweep_store),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=sweep_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with MlflowServer(store_uri(sweep_store), sweep_store / "served-artifacts") as server:
+        base = server.url
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="mnist_logreg")["experiment"]
         parents = _post(base, "/api/2.0/mlflow/runs/search", {
             "experiment_ids": [exp["experiment_id"]], "filter": "tags.`mnist_logreg.role` = 'sweep'"})["runs"]
@@ -218,6 +193,3 @@ def test_mlflow_server_shows_the_sweep(sweep_store):
             hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
                         metric_key="test_acc")["metrics"]
             assert sorted(m["step"] for m in hist) == [0, 1, 2]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
