@@ -280,23 +280,23 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
                 if TAG_PARENT in sweep_tags:  # so the sweep's comparison still shows this point
                     client.set_tag(sweep_tags[TAG_PARENT], f"{TAG_REUSED}.{done.info.run_id}", "skipped")
                 return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
-        tags = {
-            TAG_ROLE: "job",
-            "context": str(ctx),
-            "data.root": str(files.root),
-            "hydra.overrides": redact(" ".join(overrides)),
-            "command": command_line(),
-            **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
-            **environment_tags(),
-            **fp_tags,
-            **sweep_tags,
-            **dict(extra_tags or {}),
-        }
         if resumed is not None:
             client.update_run(resumed.run.info.run_id, status="RUNNING")
             run = RunLog(client, resumed.run.info.run_id)
             run.set_tags({"resumed.command": command_line()})
         else:
+            tags = {
+                TAG_ROLE: "job",
+                "context": str(ctx),
+                "data.root": str(files.root),
+                "hydra.overrides": redact(" ".join(overrides)),
+                "command": command_line(),
+                **{f"data.sha256.{name}": h for name, h in files.sha256().items()},
+                **environment_tags(),
+                **fp_tags,
+                **sweep_tags,
+                **dict(extra_tags or {}),
+            }
             run = RunLog.create(client, experiment_id, redact(",".join(overrides)) or "defaults", tags)
     remote = str(cfg.tracking.uri).startswith(("http://", "https://"))
     work_dir = out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import mxnet as mx
 import numpy as np
@@ -70,13 +70,6 @@ def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
     return _DEVICE_CACHE[key][1]
 
 
-def batch_orders(seed: int, n: int) -> Iterator[np.ndarray]:
-    """The example order of each successive epoch: a fresh permutation drawn from a seeded generator."""
-    rng = np.random.default_rng(seed)
-    while True:
-        yield rng.permutation(n)
-
-
 def accuracy_count(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> nd.NDArray:
     """Number of correctly classified examples, as a 1-element NDArray (no device sync)."""
     correct = nd.zeros((1,), ctx=split.x.context)
@@ -120,7 +113,7 @@ def fit(
 ) -> list[EpochMetrics]:
     """Train epochs start_epoch..epochs of shuffled mini-batches; call on_epoch after each; return the history.
 
-    The batch order comes from rng (default: a generator seeded with seed, as batch_orders draws);
+    The batch order of each epoch is rng.permutation(n) (rng default: np.random.default_rng(seed));
     a resumed run passes the generator restored from its checkpoint.
 
     Each batch does what the tutorial does: forward and softmax cross-entropy under autograd,
