@@ -60,6 +60,25 @@ def exit_on_error() -> Iterator[None]:
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C or SIGTERM (raised as KeyboardInterrupt once the runs are closed): one line, no
+    traceback, and the shell's status for the signal (130 for SIGINT, 143 for SIGTERM)."""
+    import signal
+
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        text = str(exc)
+        signum = int(text.split()[-1]) if text.startswith("signal ") else int(signal.SIGINT)
+        print(f"Stopped by {signal.Signals(signum).name}: running jobs ended KILLED with their metrics and "
+              "last checkpoint; run the same command again to train only what did not finish, or "
+              "resume=RUN_ID to continue one run", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
 def install_hydra_error_handler() -> None:
     """Make Hydra report bad input (HarnessError, bad overrides, unknown keys or options) in one line.
 

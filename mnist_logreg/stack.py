@@ -77,6 +77,8 @@ class Stack:
         self.members: list[Member] = []
         for i, spec in enumerate(specs):  # each model drawn exactly as build_net draws it alone
             net = build_net(num_outputs, spec.sigma, ctx, seed)
+            net.hybridize(static_alloc=True)  # as fit's NetWithLoss leaves it: net.export needs a graph
+            net(nd.zeros((1, NUM_INPUTS), ctx=ctx))
             self.members.append(Member(i, spec, net, make_trainer(net, spec.lr, spec.momentum, spec.wd)))
         self.block = StackedLoss(self.k, num_outputs)
         self.block.initialize(ctx=ctx)

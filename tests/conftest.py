@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +83,94 @@ def digit_splits():
     test = np.arange(len(labels)) % 5 == 4
     as_split = lambda m: Split(images[m].reshape(int(m.sum()), -1), labels[m])  # noqa: E731
     return to_device(as_split(~test), mx.cpu()), to_device(as_split(test), mx.cpu())
+
+
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python run.py ARGS` started in cwd, its stdout and stderr merged, read with `signal_when`."""
+    full_env = {**os.environ, "MNIST_LOGREG_CACHE": str(cwd / "cache"), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_when(proc: subprocess.Popen, pattern: str, sig: int, timeout: float = 120) -> str:
+    """Send sig to proc once a line of its output matches pattern; wait for it to exit; return its
+    whole output. Fails the test (killing proc) when the line does not come within timeout seconds,
+    however long the process stays silent."""
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                              daemon=True)
+    reader.start()
+    seen, deadline = [], time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f}s:\n{''.join(seen)[-3000:]}")
+        seen.append(line)
+        if re.search(pattern, line):
+            break
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    while not lines.empty():
+        line = lines.get()
+        seen.append(line or "")
+    return "".join(seen)
+
+
+def runs_of(folder: Path, experiment: str = "mnist_logreg"):
+    """The client on folder's store and every run of the experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store_uri(folder))
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def jobs_and_parents(folder: Path):
+    client, runs = runs_of(folder)
+    jobs = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"]
+    parents = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "sweep"]
+    return client, jobs, parents
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, info.path) if info.is_dir else [info.path]
+    return out
+
+
+def numbers_of(client, run) -> dict:
+    """Every logged metric at every step except the timings, and the weights' hash: what must be
+    equal, bit for bit, between two trainings of one config."""
+    from mnist_logreg.reproduce import TIMING_METRICS
+
+    keys = sorted(set(run.data.metrics) - TIMING_METRICS)
+    return {"params.sha256": run.data.tags.get("params.sha256"),
+            **{key: history(client, run.info.run_id, key) for key in keys}}
+
+
+def compose_cfg(*overrides: str):
+    """The config run.py would compose for these overrides, outside a Hydra job (so tracking.uri,
+    which names ${hydra:runtime.cwd}, must be among them or is pinned to a throwaway store)."""
+    from hydra import compose, initialize_config_dir
+
+    os.environ.setdefault("MNIST_LOGREG_ROOT", str(ROOT))
+    if not any(o.startswith("tracking.uri=") for o in overrides):
+        overrides = ("tracking.uri=sqlite:////tmp/mlflow.db", *overrides)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
