@@ -3,10 +3,11 @@
     python -m mnist_logreg.bench [--dataset fashion_mnist] [--epochs 3] [--repeats 3]
 
 Prints (a) seconds per training epoch and per evaluation of the tutorial's loop, the harness's
-path and a hand-written numpy loop, with their ratios; (b) the wall time of
-`run.py -m optim.lr=0.05,0.1,0.5` with the basic and the joblib launcher, broken down into
-imports, data, store, training, logging and artifacts; (c) the peak resident memory of a
-training process. The figures are also written as JSON (--json).
+path and a hand-written numpy loop, with their ratios; (b) the training cost of one model-epoch
+inside a 9-model stack against a lone fit; (c) real sweeps through run.py into fresh stores: the
+card's `-m optim.lr=0.05,0.1,0.5` with the stacked (default) and the basic launcher, and
+`experiments=grid` (27 jobs), each with its wall time, peak resident memory and per-job cost
+besides training. The figures are also written as JSON (--json).
 """
 
 from __future__ import annotations
@@ -30,56 +31,15 @@ from .data import Split, load, locate
 from .fingerprint import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ["-m", "optim.lr=0.05,0.1,0.5"]
 
 
 def tutorial_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
-    """The tutorial's loop as written there: DataLoader with a per-sample transform, a sync per
-    batch (asscalar), mx.metric.Accuracy over both splits after each epoch. Returns (train_s, eval_s) lists.
+    """The tutorial's loop (mnist_logreg.reference). Returns (train_s, eval_s) lists."""
+    from .reference import tutorial_loop, tutorial_net
 
-    The datasets hold what gluon.data.vision.MNIST holds (a uint8 NDArray of (N, 28, 28, 1) images
-    and int32 labels), so the per-sample transform runs on NDArrays as in the tutorial.
-    """
-    import mxnet as mx
-    from mxnet import autograd, gluon, nd
-
-    def transform(data, label):
-        return data.astype(np.float32) / 255, label.astype(np.float32)
-
-    def dataset(split: Split):
-        images = nd.array(split.images.reshape(-1, 28, 28, 1), dtype=np.uint8)
-        return gluon.data.ArrayDataset(images, split.labels.astype(np.int32)).transform(transform)
-
-    train_ds, test_ds = dataset(split_train), dataset(split_test)
-    train_data = gluon.data.DataLoader(train_ds, batch_size, shuffle=True)
-    test_data = gluon.data.DataLoader(test_ds, batch_size, shuffle=False)
-    mx.random.seed(seed)
-    net = gluon.nn.Dense(10)
-    net.collect_params().initialize(mx.init.Normal(sigma=1.0), ctx=mx.cpu())
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": lr})
-
-    def evaluate_accuracy(data_iterator):
-        acc = mx.metric.Accuracy()
-        for data, label in data_iterator:
-            acc.update(preds=nd.argmax(net(data.reshape((-1, 784))), axis=1), labels=label)
-        return acc.get()[1]
-
-    train_s, eval_s = [], []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        cumulative_loss = 0.0
-        for data, label in train_data:
-            with autograd.record():
-                loss = loss_fn(net(data.reshape((-1, 784))), label)
-            loss.backward()
-            trainer.step(batch_size)
-            cumulative_loss += nd.sum(loss).asscalar()
-        t1 = time.perf_counter()
-        evaluate_accuracy(test_data), evaluate_accuracy(train_data)
-        train_s.append(t1 - t0)
-        eval_s.append(time.perf_counter() - t1)
-    return train_s, eval_s
+    history = tutorial_loop(tutorial_net(1.0, seed), split_train, split_test, epochs=epochs,
+                            batch_size=batch_size, lr=lr, seed=seed)
+    return [e.train_seconds for e in history], [e.eval_seconds for e in history]
 
 
 def harness_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
@@ -145,6 +105,34 @@ def per_epoch(args, train: Split, test: Split) -> dict:
     return out
 
 
+def stacked_epochs(args, train: Split, test: Split) -> dict:
+    """(b): training seconds per model-epoch, a lone fit against each model of a 9-model stack."""
+    import mxnet as mx
+
+    from .model import build_net
+    from .stack import MemberSpec, Stack
+    from .training import fit, make_trainer, to_device
+
+    ctx = mx.cpu()
+    train_d, test_d = to_device(train, ctx), to_device(test, ctx)
+    specs = [MemberSpec(sigma, lr) for lr in (0.05, 0.1, 0.5) for sigma in (0.01, 0.1, 1.0)]
+    lone_train, lone_eval, stack_train, stack_eval = [], [], [], []
+    for r in range(args.repeats):
+        net = build_net(10, 1.0, ctx, r)
+        history = fit(net, make_trainer(net, 0.1), train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
+        lone_train += [m.epoch_seconds for m in history]
+        lone_eval += [m.eval_seconds for m in history]
+        stack = Stack(specs, 10, ctx, r)
+        stack.fit(train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
+        stack_train += [m.epoch_seconds / len(specs) for m in stack.members[0].history]
+        stack_eval += [m.eval_seconds / len(specs) for m in stack.members[0].history]
+    out = {"models": len(specs),
+           "lone": {"train_epoch_s": statistics.median(lone_train), "eval_s": statistics.median(lone_eval)},
+           "stacked_per_model": {"train_epoch_s": statistics.median(stack_train), "eval_s": statistics.median(stack_eval)}}
+    out["per_model_train_share"] = out["stacked_per_model"]["train_epoch_s"] / out["lone"]["train_epoch_s"]
+    return out
+
+
 def _import_seconds(module: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, capture_output=True)
@@ -153,41 +141,55 @@ def _import_seconds(module: str) -> float:
     return (t1 - t0) - (time.perf_counter() - t1)
 
 
-def sweep(args, launcher: list[str]) -> dict:
-    """(b): wall time of one real sweep through run.py, with its jobs' own phase timings summed."""
+# Per-job work besides training: opening the run, logging, checkpoints, artifacts.
+FIXED_PHASES = ("store", "logging", "artifacts")
+
+
+def sweep(args, overrides: list[str]) -> dict:
+    """One real sweep through run.py into a fresh store: wall time, the peak resident memory of the
+    process, and the jobs' own phase timings."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "run.py"), *SWEEP, f"trainer.epochs={args.sweep_epochs}",
-               f"data={args.dataset}", *([f"data.root={args.data_root}"] if args.data_root else []), *launcher]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"sweep failed: {proc.stderr.strip().splitlines()[-1:]}")
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", *overrides, f"trainer.epochs={args.sweep_epochs}",
+               f"data={args.dataset}", *([f"data.root={args.data_root}"] if args.data_root else [])]
+        err_path = Path(tmp) / "stderr.txt"
+        with open(err_path, "w") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak memory
+            wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"sweep failed: {' '.join(cmd)}: {err_path.read_text().strip().splitlines()[-1:]}")
+        peak_mb = usage.ru_maxrss / 1024
         client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         exp = client.get_experiment_by_name("mnist_logreg")
-        runs = client.search_runs([exp.experiment_id], "tags.`mnist_logreg.role` = 'job'")
+        runs = client.search_runs([exp.experiment_id], "tags.`mnist_logreg.role` = 'job'", max_results=1000)
     phases: dict[str, float] = {}
+    fixed = []
     for run in runs:
-        for k, v in run.data.tags.items():
-            if k.startswith("timing."):
-                name = k[len("timing."):-2]
-                phases[name] = phases.get(name, 0.0) + float(v)
-    in_jobs = sum(phases.values())
-    return {"wall_s": wall, "jobs": len(runs), "phases_s": phases,
-            "launcher_and_startup_s": wall - in_jobs if not launcher else None,
-            "logging_share": (phases.get("logging", 0.0) + phases.get("artifacts", 0.0)) / wall}
+        timing = {k[len("timing."):-2]: float(v) for k, v in run.data.tags.items() if k.startswith("timing.")}
+        for name, value in timing.items():
+            phases[name] = phases.get(name, 0.0) + value
+        fixed.append(sum(timing.get(p, 0.0) for p in FIXED_PHASES))
+    return {"wall_s": wall, "jobs": len(runs), "peak_rss_mb": peak_mb, "phases_s": phases,
+            "fixed_per_job_s": {"median": statistics.median(fixed), "max": max(fixed)},
+            "stacks": len({r.data.tags.get("stack.group") for r in runs})}
+
+
+CARD = ["optim.lr=0.05,0.1,0.5"]
+GRID = ["experiments=grid"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_logreg.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     parser.add_argument("--data-root", help="folder of the IDX files (default: where the data config finds them)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per repeat of the fast loops")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per repeat of the in-process loops")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep-epochs", type=int, default=10)
-    parser.add_argument("--skip-sweeps", action="store_true", help="only (a), the per-epoch figures")
+    parser.add_argument("--skip-sweeps", action="store_true", help="only (a) and (b), the in-process figures")
+    parser.add_argument("--skip-grid", action="store_true", help="leave out the 27-job grid sweep")
     parser.add_argument("--json", type=Path, default=None, help="default outputs/bench/bench-TIME.json")
     args = parser.parse_args(argv)
 
@@ -209,21 +211,36 @@ def main(argv: list[str] | None = None) -> int:
           f"evaluation {r['tutorial_over_harness_eval']:.1f}x; harness/numpy training "
           f"{r['harness_over_numpy_train']:.2f}x")
 
+    report["stacked"] = st = stacked_epochs(args, train, test)
+    print(f"\n(b) one model-epoch, a lone fit against one of a {st['models']}-model stack (lr x sigma), medians")
+    print(f"    {'':<18} {'train s':>9} {'eval s':>9}")
+    print(f"    {'lone':<18} {st['lone']['train_epoch_s']:>9.4f} {st['lone']['eval_s']:>9.4f}")
+    print(f"    {'stacked, per model':<18} {st['stacked_per_model']['train_epoch_s']:>9.4f} "
+          f"{st['stacked_per_model']['eval_s']:>9.4f}")
+    print(f"    a stacked model-epoch costs {st['per_model_train_share']:.2f} of a lone one (target 0.25 or less)")
+
     if not args.skip_sweeps:
         report["imports_s"] = {m: _import_seconds(m) for m in ("mxnet", "mlflow", "hydra")}
-        print(f"\n(b) python run.py {' '.join(SWEEP)} trainer.epochs={args.sweep_epochs} data={args.dataset}")
+        print(f"\n(c) sweeps through run.py into a fresh store, trainer.epochs={args.sweep_epochs} data={args.dataset}")
         print("    imports in a fresh process: " + ", ".join(f"{m} {s:.2f}s" for m, s in report["imports_s"].items()))
-        for name, launcher in (("basic", []), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
-            usage_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            report[f"sweep_{name}"] = s = sweep(args, launcher)
-            if name == "basic":
-                report["peak_rss_mb"] = max(usage_before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        runs = [("card", "stacked", CARD), ("card", "basic", [*CARD, "hydra/launcher=basic"])]
+        if not args.skip_grid:
+            runs.append(("grid", "stacked", GRID))
+        for name, launcher, overrides in runs:
+            report[f"{name}_{launcher}"] = s = sweep(args, overrides)
             phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["phases_s"].items()))
-            print(f"    {name:<7} wall {s['wall_s']:6.2f}s for {s['jobs']} jobs; inside jobs (s, summed): {phases}")
-            if s["launcher_and_startup_s"] is not None:
-                print(f"            outside jobs (process start, imports, Hydra, store, sweep run): "
-                      f"{s['launcher_and_startup_s']:.2f}s; MLflow logging+artifacts {100 * s['logging_share']:.1f}% of wall")
-        print(f"\n(c) peak resident memory of the basic sweep's process: {report['peak_rss_mb']:.0f} MB")
+            print(f"    {name} ({' '.join(overrides)}), {launcher}: wall {s['wall_s']:.2f}s for {s['jobs']} jobs in "
+                  f"{s['stacks'] if launcher == 'stacked' else s['jobs']} passes, peak RSS {s['peak_rss_mb']:.0f} MB")
+            print(f"        per job besides training ({'+'.join(FIXED_PHASES)}): median "
+                  f"{s['fixed_per_job_s']['median']:.3f}s, max {s['fixed_per_job_s']['max']:.3f}s "
+                  f"(the first job also imports matplotlib)")
+            print(f"        inside jobs (s, summed): {phases}")
+        card_s, card_b = report["card_stacked"], report["card_basic"]
+        print(f"    card sweep: stacked {card_s['wall_s']:.2f}s vs basic {card_b['wall_s']:.2f}s "
+              f"({card_b['wall_s'] / card_s['wall_s']:.2f}x faster; target 12 s or less)")
+        if "grid_stacked" in report:
+            print(f"    grid: {report['grid_stacked']['wall_s']:.2f}s (target 35 s or less), peak RSS "
+                  f"{report['grid_stacked']['peak_rss_mb']:.0f} MB (target 1,500 MB or less)")
 
     path = args.json or ROOT / "outputs" / "bench" / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,12 +67,12 @@ def _fit_one(job: Job, recorder: Recorder) -> dict[str, Any]:
 
 def stack_key(job: Job) -> tuple:
     """Jobs with equal keys see the same batch stream and can train as one stack: same data files,
-    batch size, seed, epochs, context, scoring and divergence rule, model width, and momentum on
-    or off. lr, sigma, wd and the momentum value vary freely inside a stack."""
+    batch size, seed, epochs, context, scoring and divergence rule, model width and momentum (one
+    value per update kernel call). lr, sigma and wd vary freely inside a stack."""
     cfg = job.cfg
     return (job.files.digest(), cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, str(job.ctx),
             cfg.trainer.eval_batch_size, cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs,
-            cfg.optim.momentum > 0)
+            cfg.optim.momentum)
 
 
 def train_stack(jobs: Sequence[Job], group: str) -> list[dict[str, Any] | Exception]:

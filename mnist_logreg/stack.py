@@ -2,14 +2,11 @@
 
 K `Dense(10)` models that see the same batches (same data, batch size, seed, epochs) are held as
 the rows of one wide `Dense(10*K)`. Each batch runs one forward pass, one softmax cross-entropy
-over the (B, K, 10) scores, one backward pass, and one SGD step in which every row has its own
-learning rate, weight decay and momentum. The step is the float32 arithmetic of MXNet's
-`multi_sgd_update` and `multi_sgd_mom_update` kernels (what `gluon.Trainer` runs for SGD), in
-the kernels' order of operations, written as NDArray operations:
-
-    m = (momentum * m - (lr * wd) * w) - (lr * rescale) * g;   w = w + m     (m = 0 without momentum)
-
-Models with momentum and models without it are never stacked together (see `stack_key`).
+over the (B, K, 10) scores, and one backward pass. The update then calls the very kernel that
+`gluon.Trainer` calls for SGD, `multi_sgd_update` (or `multi_sgd_mom_update`), once for all
+models: its inputs are each model's rows of the wide weight, bias and gradients (views, no
+copies), each with the model's own learning rate and weight decay. Momentum is one value per
+kernel call, so models with different momentum are never stacked together (see `job.stack_key`).
 
 That each model's numbers then equal `fit`'s to the bit is a property of MXNet's CPU kernels on
 this machine, not a law: tests/test_stack.py checks it for K = 1, 3 and 9, and `reproduce` checks
@@ -19,6 +16,7 @@ every run it is given.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -54,6 +52,10 @@ class Member:
     history: list[EpochMetrics] = field(default_factory=list)
 
 
+# Arrays one multi_sgd kernel call takes at most (MultiSGDKernelParam::N is 60 in MXNet 1.9).
+_KERNEL_ARRAYS = 60
+
+
 class StackedLoss(gluon.HybridBlock):
     """Wide Dense(num_outputs * k), then each model's softmax cross-entropy: (B, k) losses."""
 
@@ -87,50 +89,42 @@ class Stack:
         self.bias.set_data(nd.concat(*[m.net.bias.data() for m in self.members], dim=0))
         self.block.hybridize(static_alloc=True)
 
-        # Per-row factors, multiplied in float32 as the SGD kernels multiply their float parameters.
-        f32 = np.float32
-        self._lr = np.array([s.lr for s in specs], dtype=f32)
-        self._lr_wd = self._lr * np.array([s.wd for s in specs], dtype=f32)
-        self._momentum_rows = np.array([s.momentum for s in specs], dtype=f32)
-        self._any_wd = bool((self._lr_wd != 0).any())
-        self._use_momentum = bool((self._momentum_rows > 0).any())
-        if self._use_momentum and not (self._momentum_rows > 0).all():
-            raise ValueError("a stack mixes momentum and plain SGD: group them apart (see stack_key)")
-        self._mom_w = nd.zeros(self.weight.shape, ctx=ctx) if self._use_momentum else None
-        self._mom_b = nd.zeros(self.bias.shape, ctx=ctx) if self._use_momentum else None
-        self._factors: dict[int, tuple] = {}
+        self.momentum = specs[0].momentum
+        if any(spec.momentum != self.momentum for spec in specs):
+            raise ValueError("a stack mixes momentum values: group them apart (see job.stack_key)")
+        if int(os.environ.get("MXNET_OPTIMIZER_AGGREGATION_SIZE", "4")) <= 1:
+            raise ValueError("MXNET_OPTIMIZER_AGGREGATION_SIZE <= 1 makes gluon.Trainer call sgd_update, "
+                             "whose rounding the stacked step does not reproduce: unset it or use "
+                             "hydra/launcher=basic")
+        rows = num_outputs
 
-    def _rows(self, values: np.ndarray, column: bool) -> nd.NDArray:
-        """One float32 value per output row: (10k, 1) for the weight, (10k,) for the bias."""
-        rows = np.repeat(values, self.num_outputs)
-        return nd.array(rows.reshape(-1, 1) if column else rows, ctx=self.ctx, dtype=np.float32)
+        def views(array: nd.NDArray) -> list[nd.NDArray]:  # each model's rows, sharing memory
+            return [array[i * rows : (i + 1) * rows] for i in range(self.k)]
 
-    def _factors_for(self, batch_size: int) -> tuple:
-        """(momentum, lr*wd, lr*rescale) as weight rows and as bias rows, for one batch size."""
-        if batch_size not in self._factors:
-            step = self._lr * np.float32(1.0 / batch_size)  # rescale_grad = 1 / batch_size, as Trainer.step
-            self._factors[batch_size] = tuple(
-                tuple(self._rows(v, column) for v in (self._momentum_rows, self._lr_wd, step))
-                for column in (True, False)
-            )
-        return self._factors[batch_size]
+        w, b, gw, gb = self.weight.data(), self.bias.data(), self.weight.grad(), self.bias.grad()
+        # In the order gluon.Trainer hands a lone Dense's parameters to the kernel: weight, bias.
+        self._weights = [x for pair in zip(views(w), views(b)) for x in pair]
+        self._grads = [x for pair in zip(views(gw), views(gb)) for x in pair]
+        self._lrs = [spec.lr for spec in specs for _ in (0, 1)]
+        self._wds = [spec.wd for spec in specs for _ in (0, 1)]
+        self._moms = None
+        if self.momentum > 0:
+            self._mom_w, self._mom_b = nd.zeros(w.shape, ctx=ctx), nd.zeros(b.shape, ctx=ctx)
+            self._moms = [x for pair in zip(views(self._mom_w), views(self._mom_b)) for x in pair]
 
+    # -- the shared pass ------------------------------------------------------------------------
     def _step(self, batch_size: int) -> None:
-        """One SGD update of every row, in the float32 order of MXNet's multi_sgd kernels, which
-        gluon.Trainer runs for SGD: m = (momentum*m - (lr*wd)*w) - (lr*rescale)*g; w = w + m
-        (m is 0 without momentum)."""
-        factors = self._factors_for(batch_size)
-        for param, mom, (momentum, lr_wd, step) in (
-            (self.weight, self._mom_w, factors[0]), (self.bias, self._mom_b, factors[1])
-        ):
-            w, g = param.data(), param.grad()
-            if mom is not None:
-                mom[:] = nd.broadcast_mul(momentum, mom) - nd.broadcast_mul(lr_wd, w) - nd.broadcast_mul(step, g)
-                w[:] = w + mom
-            elif self._any_wd:
-                w[:] = w + ((0 - nd.broadcast_mul(lr_wd, w)) - nd.broadcast_mul(step, g))
-            else:  # 0 - (0*w) is +0 for every finite w, so the decay term drops out exactly
-                w[:] = w + (0 - nd.broadcast_mul(step, g))
+        """One SGD update of every model, as Trainer.step(batch_size) updates a lone one."""
+        for lo in range(0, len(self._weights), _KERNEL_ARRAYS):
+            hi = lo + _KERNEL_ARRAYS
+            weights, grads = self._weights[lo:hi], self._grads[lo:hi]
+            common = dict(out=weights, num_weights=len(weights), lrs=self._lrs[lo:hi], wds=self._wds[lo:hi],
+                          rescale_grad=1.0 / batch_size)
+            if self._moms is None:
+                nd.multi_sgd_update(*[x for pair in zip(weights, grads) for x in pair], **common)
+            else:
+                nd.multi_sgd_mom_update(*[x for t in zip(weights, grads, self._moms[lo:hi]) for x in t],
+                                        momentum=self.momentum, **common)
 
     def accuracy_counts(self, split: DeviceSplit, chunk: int) -> nd.NDArray:
         """Correct predictions of every model on split: (k,) float32, one forward pass per chunk."""
@@ -153,7 +147,7 @@ class Stack:
             lo, hi = m.index * rows, (m.index + 1) * rows
             m.net.weight.set_data(self.weight.data()[lo:hi])
             m.net.bias.set_data(self.bias.data()[lo:hi])
-            if self._use_momentum:
+            if self._moms is not None:
                 _set_momentum(m, self._mom_w[lo:hi], self._mom_b[lo:hi])
 
     def load_member(self, index: int) -> None:
@@ -162,7 +156,7 @@ class Stack:
         lo, hi = index * rows, (index + 1) * rows
         self.weight.data()[lo:hi] = m.net.weight.data()
         self.bias.data()[lo:hi] = m.net.bias.data()
-        if self._use_momentum:
+        if self._moms is not None:
             states = m.trainer._updaters[0].states
             for j, (mom, param) in enumerate(((self._mom_w, m.net.weight), (self._mom_b, m.net.bias))):
                 state = states.get(j)
