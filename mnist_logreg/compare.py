@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HarnessError, exit_on_error
-from .tracking import TAG_REUSED, TAG_ROLE, TAG_SWEEP, existing_store_client
+from .tracking import TAG_REUSED, TAG_ROLE, TAG_SWEEP, existing_store_client, reading_store_uri
 
 HIDDEN_PARAMS = {"tracking.uri"}
 
@@ -207,13 +207,14 @@ def format_table(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_logreg.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}",
-                        help="MLflow store (default: mlflow.db in this folder)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder)")
     parser.add_argument("--experiment", default="mnist_logreg")
     parser.add_argument("--sweep", default=None, help="sweep tag (default: the latest sweep)")
     parser.add_argument("--output", type=Path, default=None, help="folder (default outputs/compare/SWEEP)")
     parser.add_argument("--no-log", action="store_true", help="do not log the results to the sweep's parent run")
     args = parser.parse_args(argv)
+    args.tracking_uri = args.tracking_uri or reading_store_uri()
     with exit_on_error():
         table, output = compare(args.tracking_uri, args.experiment, args.sweep, args.output, not args.no_log)
     print(format_table(table))

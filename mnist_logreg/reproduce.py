@@ -26,7 +26,7 @@ from .config import flatten
 from .runconfig import config_from_run
 from .fingerprint import LOCATION_KEYS
 from .errors import HarnessError, exit_on_error
-from .tracking import TAG_ROLE, TAG_SWEEP, client_for, existing_store_client
+from .tracking import TAG_ROLE, TAG_SWEEP, client_for, existing_store_client, reading_store_uri
 
 # Timings differ on every run; everything else must match.
 TIMING_METRICS = {"epoch_seconds", "eval_seconds", "examples_per_second"}
@@ -171,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id", nargs="?", help="the run (or a sweep's parent run) to reproduce")
     parser.add_argument("--sweep", help="reproduce every run of this sweep tag instead")
     parser.add_argument("--experiment", default="mnist_logreg", help="where --sweep is looked up")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}",
-                        help="store holding the run (default: mlflow.db in this folder)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="store holding the run (default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder)")
     parser.add_argument("--target-uri", help="store for the reproduction (default: the same store)")
     parser.add_argument("--atol", type=float, default=0.0, help="allowed absolute difference (default 0: bit-identical)")
     parser.add_argument("--data-root", help="folder of the dataset files on this machine, if not where the run found them")
     args = parser.parse_args(argv)
     if not args.run_id and not args.sweep:
         parser.error("give a RUN_ID or --sweep")
+    args.tracking_uri = args.tracking_uri or reading_store_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_error():

@@ -31,50 +31,58 @@ def _count_jobs(client, experiment: str) -> list:
 
 
 def soak(jobs: int, workers: int, epochs: int, data: list[str], downtime: float) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    seeds = ",".join(str(s) for s in range(jobs))
+    """The soak on a throwaway PostgreSQL cluster and MLflow server of its own."""
     with tempfile.TemporaryDirectory() as tmp, postgres() as db_uri:
         server = MlflowServer(db_uri, Path(tmp) / "artifacts").start()
         try:
-            client = MlflowClient(server.url)
-            cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib",
-                   f"hydra.launcher.n_jobs={workers}", "tracking=server", f"tracking.uri={server.url}",
-                   f"seed={seeds}", f"trainer.epochs={epochs}", *data]
-            started = time.time()
-            sweep = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            restarted_at = None
-            while sweep.poll() is None and restarted_at is None:
-                time.sleep(1)
-                try:
-                    if len(_count_jobs(client, "mnist_logreg")) >= jobs // 2:
-                        server.stop()
-                        time.sleep(downtime)
-                        server.start()
-                        restarted_at = time.time() - started
-                except Exception:
-                    pass
-            output, _ = sweep.communicate()
-            runs = _count_jobs(client, "mnist_logreg")
-            per_run = 2 * (epochs + 1) + 4 * epochs  # train_acc, test_acc from step 0; 4 more per epoch
-            recorded = sum(len(client.get_metric_history(r.info.run_id, k)) for r in runs
-                           for k in ("train_acc", "test_acc", "train_loss", "epoch_seconds",
-                                     "eval_seconds", "examples_per_second"))
-            return {
-                "jobs": jobs,
-                "jobs_run": output.count("ended FINISHED") + output.count("ended FAILED"),
-                "runs_recorded": len(runs),
-                "runs_finished": sum(r.info.status == "FINISHED" for r in runs),
-                "metric_points_expected": jobs * per_run,
-                "metric_points_recorded": recorded,
-                "errors": (sweep.returncode != 0) + sum(r.info.status != "FINISHED" for r in runs),
-                "sweep_exit": sweep.returncode,
-                "server_restarted_at_s": restarted_at,
-                "wall_s": round(time.time() - started, 1),
-                "last_lines": output.strip().splitlines()[-3:] if sweep.returncode else [],
-            }
+            return soak_against(server, jobs, workers, epochs, data, downtime, tmp)
         finally:
             server.stop()
+
+
+def soak_against(server: MlflowServer, jobs: int, workers: int, epochs: int, data: list[str], downtime: float,
+                 cwd: str, experiment: str = "soak") -> dict:
+    """Run the sweep against a running server (into `experiment`), restart the server once when
+    half the jobs have runs, and count what was recorded."""
+    from mlflow.tracking import MlflowClient
+
+    seeds = ",".join(str(s) for s in range(jobs))
+    client = MlflowClient(server.url)
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib",
+           f"hydra.launcher.n_jobs={workers}", "tracking=server", f"tracking.uri={server.url}",
+           f"tracking.experiment={experiment}", f"seed={seeds}", f"trainer.epochs={epochs}", *data]
+    started = time.time()
+    sweep = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    restarted_at = None
+    while sweep.poll() is None and restarted_at is None:
+        time.sleep(0.5)
+        try:
+            if len(_count_jobs(client, experiment)) >= jobs // 2:
+                server.stop()
+                time.sleep(downtime)
+                server.start()
+                restarted_at = time.time() - started
+        except Exception:
+            pass
+    output, _ = sweep.communicate()
+    runs = _count_jobs(client, experiment)
+    per_run = 2 * (epochs + 1) + 4 * epochs  # train_acc, test_acc from step 0; 4 more per epoch
+    recorded = sum(len(client.get_metric_history(r.info.run_id, k)) for r in runs
+                   for k in ("train_acc", "test_acc", "train_loss", "epoch_seconds",
+                             "eval_seconds", "examples_per_second"))
+    return {
+        "jobs": jobs,
+        "jobs_run": output.count("ended FINISHED") + output.count("ended FAILED"),
+        "runs_recorded": len(runs),
+        "runs_finished": sum(r.info.status == "FINISHED" for r in runs),
+        "metric_points_expected": jobs * per_run,
+        "metric_points_recorded": recorded,
+        "errors": (sweep.returncode != 0) + sum(r.info.status != "FINISHED" for r in runs),
+        "sweep_exit": sweep.returncode,
+        "server_restarted_at_s": restarted_at,
+        "wall_s": round(time.time() - started, 1),
+        "last_lines": output.strip().splitlines()[-3:] if sweep.returncode else [],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,12 @@ def move_credentials_to_env(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+def reading_store_uri() -> str:
+    """The store a reading tool opens without --tracking-uri: $MLFLOW_TRACKING_URI, as MLflow's own
+    CLI and client read it, else mlflow.db in the current folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
 def existing_store_client(uri: str):
     """An MlflowClient on a store that must already exist (reading tools must not create one)."""
     db = sqlite_path(uri)

@@ -174,3 +174,32 @@ def compose_cfg(*overrides: str):
         overrides = ("tracking.uri=sqlite:////tmp/mlflow.db", *overrides)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+# The card's sweep on the digits: 96 does not divide the 4,000 training digits, so every epoch
+# ends on a short batch.
+CARD = ["optim.lr=0.05,0.1,0.5", "trainer.epochs=3", "data.batch_size=96"]
+
+
+@pytest.fixture(scope="session")
+def card(tmp_path_factory, mnist5k_root) -> dict[str, Path]:
+    """Real sweeps shared by the tests that read them (and add to them):
+    - basic: the card's sweep through hydra/launcher=basic, one job after another;
+    - stacked: through the default (stacked) launcher, the card's 3 lrs plus a diverging one
+      (1e38), at batch sizes 96 and 500: 8 jobs in two stacks."""
+    folders = {}
+    runs = (("basic", ["-m", *CARD, "hydra/launcher=basic"]),
+            ("stacked", ["-m", "optim.lr=0.05,0.1,0.5,1e38", "trainer.epochs=3", "data.batch_size=96,500"]))
+    for name, args in runs:
+        folder = tmp_path_factory.mktemp(f"card_{name}")
+        proc = run_cli([*args, f"data.root={mnist5k_root}"], cwd=folder)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+        folders[name] = folder
+    return folders
+
+
+def by_config(folder: Path, batch_size: str = "96"):
+    """client, {optim.lr: job run} at one batch size, and the sweep's parent runs."""
+    client, jobs, parents = jobs_and_parents(folder)
+    return client, {r.data.params["optim.lr"]: r for r in jobs
+                    if r.data.params["data.batch_size"] == batch_size}, parents

@@ -1,141 +1,145 @@
 """Determinism and `python -m mnist_logreg.reproduce` on real logged runs."""
 
+import hashlib
 import shutil
 import sqlite3
+from pathlib import Path
 
+import mxnet as mx
 import pytest
 
+from mnist_logreg import reproduce
+from mnist_logreg.data import locate
+from mnist_logreg.fingerprint import config_hash, lock_hash
 from mnist_logreg.idx import read_idx, write_idx
-from conftest import run_cli, store_uri
-from test_run_e2e import history, runs_of
+from mnist_logreg.job import train
+from mnist_logreg.tracking import git_state
+from conftest import ROOT, CARD, by_config, compose_cfg, jobs_and_parents, numbers_of, run_cli, runs_of, store_uri
 
 pytestmark = pytest.mark.slow
 
 
-def job_runs(folder):
-    client, runs = runs_of(folder)
-    return client, sorted((r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"),
-                          key=lambda r: r.info.start_time)
-
-
-def metrics_of(client, run):
-    return {k: history(client, run.info.run_id, k) for k in ("train_loss", "train_acc", "test_acc")}
-
-
-def _logged(folder, mnist5k_root):
-    data = folder / "data"
-    shutil.copytree(mnist5k_root, data)
-    proc = run_cli(["-m", "optim.lr=0.1,0.5", "trainer.epochs=2", f"data.root={data}"], cwd=folder)
-    assert proc.returncode == 0, proc.stderr
-    client, runs = job_runs(folder)
-    return folder, data, client, runs
-
-
-@pytest.fixture(scope="module")
-def logged_shared(tmp_path_factory, mnist5k_root):
-    """A store with a two-job sweep, shared by the tests that only read it and add runs."""
-    return _logged(tmp_path_factory.mktemp("logged"), mnist5k_root)
-
-
 @pytest.fixture
 def logged(tmp_path, mnist5k_root):
-    """A store with a two-job sweep trained on a private copy of the digits (which the test alters)."""
-    return _logged(tmp_path, mnist5k_root)
+    """One run trained in-process on a private copy of the digits (which a test may alter)."""
+    data = tmp_path / "data"
+    shutil.copytree(mnist5k_root, data)
+    cfg = compose_cfg("optim.lr=0.1", "trainer.epochs=2", f"data.root={data}", f"tracking.uri={store_uri(tmp_path)}")
+    result = train(cfg)
+    client, (run,) = runs_of(tmp_path)
+    assert run.info.run_id == result["run_id"]
+    return tmp_path, data, client, run, cfg
 
 
 def test_same_seed_identical_in_one_process_other_seed_differs(tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "seed=1,1,2", "force=true", "trainer.epochs=2", f"data.root={mnist5k_root}"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    client, (first, second, other) = job_runs(tmp_path)
-    assert metrics_of(client, first) == metrics_of(client, second)  # 1st and 2nd job of one process
-    assert first.data.tags["params.sha256"] == second.data.tags["params.sha256"]
-    assert metrics_of(client, first) != metrics_of(client, other)
-    assert first.data.tags["params.sha256"] != other.data.tags["params.sha256"]
+    uri = f"tracking.uri={store_uri(tmp_path)}"
+    ids = [train(compose_cfg(f"seed={s}", "force=true", "trainer.epochs=2", f"data.root={mnist5k_root}", uri))["run_id"]
+           for s in (1, 1, 2)]
+    client, _ = runs_of(tmp_path)
+    first, second, other = (numbers_of(client, client.get_run(i)) for i in ids)
+    assert first == second  # 1st and 2nd model of one process: every metric and the weights
+    assert first["train_loss"] != other["train_loss"] and first["params.sha256"] != other["params.sha256"]
 
 
-def test_fingerprint_is_logged(logged_shared):
-    folder, _, client, runs = logged_shared
-    tags = runs[0].data.tags
-    for key in ("config.sha256", "data.sha256", "git.commit", "git.diff.sha256", "uv.lock.sha256", "cpu.model",
-                "threads.OMP_NUM_THREADS", "threads.cpus", "params.sha256", "fingerprint", "command", "platform"):
-        assert tags.get(key), key
-    assert "run.py" in tags["command"]
-    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "environment")}
-    assert "environment/requirements.txt" in arts
-    reqs = client.download_artifacts(runs[0].info.run_id, "environment/requirements.txt", str(folder / "dl"))
-    assert "mxnet==1.9.1" in open(reqs).read()
+def test_fingerprint_is_logged(logged):
+    folder, data, client, run, cfg = logged
+    tags = run.data.tags
+    assert tags["config.sha256"] == config_hash(cfg)
+    assert tags["data.sha256"] == locate("mnist", str(data), "").digest()
+    assert tags["uv.lock.sha256"] == lock_hash() == hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
+    assert tags["git.commit"] == git_state()["git.commit"] and len(tags["git.commit"]) == 40
+    assert tags["threads.OMP_NUM_THREADS"] and tags["threads.cpus"] and tags["cpu.model"]
+    assert tags["command"] and tags["platform"] and len(tags["fingerprint"]) == 64
+    # the weights' hash is the hash of the exported weights
+    local = client.download_artifacts(run.info.run_id, "model/model-0000.params", str(folder / "dl"))
+    params = mx.nd.load(local)
+    h = hashlib.sha256()
+    for name in sorted(params):
+        arr = params[name].asnumpy()
+        h.update(name.split(":", 1)[-1].split("_", 1)[-1].encode() + str(arr.shape).encode() + arr.tobytes())
+    assert tags["params.sha256"] == h.hexdigest()
+    reqs = client.download_artifacts(run.info.run_id, "environment/requirements.txt", str(folder / "dl"))
+    assert "mxnet==1.9.1" in Path(reqs).read_text()
 
 
-def test_reproduce_passes_and_links_the_new_run(logged_shared):
-    folder, _, client, runs = logged_shared
-    proc = run_cli([runs[0].info.run_id], cwd=folder, module="mnist_logreg.reproduce")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "REPRODUCED" in proc.stdout and "NOT REPRODUCED" not in proc.stdout
-    assert "train_loss      2" in proc.stdout  # the verdict table has every metric at every step
+def test_reproduce_passes_and_links_the_new_run(logged, capsys):
+    folder, _, client, run, _ = logged
+    assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "REPRODUCED" in out and "NOT REPRODUCED" not in out
+    assert "train_loss      2" in out  # the verdict table has every metric at every step
     _, all_runs = runs_of(folder)
-    copies = [r for r in all_runs if r.data.tags.get("reproduces") == runs[0].info.run_id]
-    assert copies and all(c.data.tags["reproduction.verdict"] == "reproduced" for c in copies)
-    assert all(c.data.tags["params.sha256"] == runs[0].data.tags["params.sha256"] for c in copies)
-    assert all(c.data.tags["mnist_logreg.role"] == "reproduction" for c in copies)
+    (copy,) = [r for r in all_runs if r.data.tags.get("reproduces") == run.info.run_id]
+    assert copy.data.tags["reproduction.verdict"] == "reproduced"
+    assert copy.data.tags["params.sha256"] == run.data.tags["params.sha256"]
+    assert copy.data.tags["mnist_logreg.role"] == "reproduction"
 
 
-def test_reproduce_a_whole_sweep_into_another_store(logged_shared, tmp_path_factory):
-    folder, _, client, runs = logged_shared
-    parent = runs[0].data.tags["mlflow.parentRunId"]
-    other = tmp_path_factory.mktemp("other_store")
-    proc = run_cli([parent, "--target-uri", store_uri(other)], cwd=folder, module="mnist_logreg.reproduce")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 of 2 runs reproduced" in proc.stdout
-    _, copies = runs_of(other)
-    assert len(copies) == 2
+@pytest.mark.xdist_group("card")
+def test_reproduce_a_whole_sweep_into_another_store(card, tmp_path, capsys):
+    _, runs, parents = by_config(card["basic"])
+    assert reproduce.main([parents[0].info.run_id, "--tracking-uri", store_uri(card["basic"]),
+                           "--target-uri", store_uri(tmp_path)]) == 0
+    assert "3 of 3 runs reproduced" in capsys.readouterr().out
+    _, copies = runs_of(tmp_path)
+    assert sorted(c.data.params["optim.lr"] for c in copies) == sorted(runs)
 
 
-def test_changed_dataset_is_named(logged):
-    folder, data, client, runs = logged
+def test_changed_dataset_is_named(logged, capsys):
+    folder, data, client, run, _ = logged
     path = data / "train-images-idx3-ubyte.gz"
     images = read_idx(path).copy()
     images[:, 10:18, 10:18] = 255 - images[:, 10:18, 10:18]
     write_idx(path, images)
-    proc = run_cli([runs[0].info.run_id], cwd=folder, module="mnist_logreg.reproduce")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "NOT REPRODUCED" in proc.stdout and "data.sha256:" in proc.stdout
+    assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT REPRODUCED" in out and "data.sha256:" in out
 
 
-def test_changed_param_is_named(logged):
-    folder, _, client, runs = logged
-    run_id = runs[0].info.run_id
+def test_changed_param_is_named(logged, capsys):
+    folder, _, client, run, _ = logged
     with sqlite3.connect(folder / "mlflow.db") as db:
-        db.execute("UPDATE params SET value = '0.2' WHERE key = 'optim.lr' AND run_uuid = ?", (run_id,))
-    proc = run_cli([run_id], cwd=folder, module="mnist_logreg.reproduce")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "config optim.lr: 0.1 -> 0.2" in proc.stdout and "config.sha256:" in proc.stdout
+        db.execute("UPDATE params SET value = '0.2' WHERE key = 'optim.lr' AND run_uuid = ?", (run.info.run_id,))
+    assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "config optim.lr: 0.1 -> 0.2" in out and "config.sha256:" in out
 
 
-def test_tolerance(logged_shared):
-    folder, _, _, runs = logged_shared
-    proc = run_cli([runs[0].info.run_id, "--atol", "1e-6"], cwd=folder, module="mnist_logreg.reproduce")
-    assert proc.returncode == 0 and "atol=1e-06" in proc.stdout
+def test_atol_decides_when_the_weights_differ(logged, capsys):
+    """The original's stored weights are moved by 5e-7 in one place: only an atol above that passes."""
+    folder, _, client, run, _ = logged
+    stored = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "model" / "model-0000.params"
+    params = mx.nd.load(str(stored))
+    weight = next(k for k in params if k.endswith("weight"))
+    params[weight][0, 0] += 5e-7
+    mx.nd.save(str(stored), params)
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        db.execute("UPDATE tags SET value = 'changed' WHERE key = 'params.sha256' AND run_uuid = ?", (run.info.run_id,))
+    uri = store_uri(folder)
+    assert reproduce.main([run.info.run_id, "--tracking-uri", uri]) == 1
+    assert reproduce.main([run.info.run_id, "--tracking-uri", uri, "--atol", "1e-7"]) == 1
+    assert reproduce.main([run.info.run_id, "--tracking-uri", uri, "--atol", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("NOT REPRODUCED") == 2 and "atol=1e-06" in out
 
 
-def test_unknown_run_id(tmp_path, logged_shared):
-    folder = logged_shared[0]
+def test_unknown_run_id_through_python_m(tmp_path, logged):
+    folder = logged[0]
     proc = run_cli(["0123456789abcdef0123456789abcdef"], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error: run 0123456789abcdef0123456789abcdef does not exist")
     assert "Traceback" not in proc.stderr
 
 
-def test_basic_and_joblib_launchers_agree(tmp_path, mnist5k_root):
-    results = {}
-    for name, extra in (("basic", []), ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
-        folder = tmp_path / name
-        folder.mkdir()
-        proc = run_cli(["-m", "optim.lr=0.1,0.5", "trainer.epochs=2", f"data.root={mnist5k_root}", *extra],
-                       cwd=folder)
-        assert proc.returncode == 0, proc.stderr
-        client, runs = job_runs(folder)
-        results[name] = {r.data.params["optim.lr"]: (r.data.tags["params.sha256"], metrics_of(client, r))
-                         for r in runs}
-    assert results["basic"] == results["joblib"]
-    assert len({h for h, _ in results["basic"].values()}) == 2
+@pytest.mark.xdist_group("card")
+def test_basic_and_joblib_launchers_agree(card, tmp_path, mnist5k_root):
+    proc = run_cli(["-m", *CARD, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"data.root={mnist5k_root}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 workers x 1 OpenMP threads" in proc.stdout
+    client_j, joblib_runs, parents = by_config(tmp_path)
+    client_b, basic_runs, _ = by_config(card["basic"])
+    assert len(parents) == 1 and sorted(joblib_runs) == sorted(basic_runs)
+    for lr, run in joblib_runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags["threads.OMP_NUM_THREADS"] == "1"
+        assert numbers_of(client_j, run) == numbers_of(client_b, basic_runs[lr]), lr

@@ -1,85 +1,54 @@
-"""run.py end to end: real Hydra runs and multiruns in subprocesses, into a real SQLite MLflow store."""
+"""run.py end to end: real Hydra runs and multiruns in subprocesses, into a real SQLite MLflow store,
+and the error paths: one bad input of each kind through run.py, the rest through the same checks in-process."""
 
-import re
 import signal
 import subprocess
-import sys
-import time
 
 import mxnet as mx
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from mnist_logreg.data import load, locate
-from conftest import ROOT, run_cli, store_uri
+from mnist_logreg.errors import ConfigError, DataError, HarnessError
+from mnist_logreg.job import train
+from conftest import (artifact_paths, by_config, compose_cfg, history, jobs_and_parents, numbers_of, run_cli,
+                      runs_of, signal_when, start_cli, store_uri)
 
 pytestmark = pytest.mark.slow
 
 
-def runs_of(folder, experiment="mnist_logreg"):
-    client = MlflowClient(store_uri(folder))
-    exp = client.get_experiment_by_name(experiment)
-    return client, (client.search_runs([exp.experiment_id]) if exp else [])
-
-
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def artifact_paths(client, run_id, path=None):
-    out = []
-    for info in client.list_artifacts(run_id, path):
-        out += artifact_paths(client, run_id, info.path) if info.is_dir else [info.path]
-    return out
-
-
-def test_sweep_on_real_digits(tmp_path, mnist5k_root):
-    epochs = 3
-    proc = run_cli(["-m", "optim.lr=0.05,0.5", f"trainer.epochs={epochs}", "model.sigma=0.1",
-                    f"data.root={mnist5k_root}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count(f"epoch {epochs}/{epochs}") == 2  # a progress line per epoch
-    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "outputs" / "sweeps").is_dir()
-
-    client, runs = runs_of(tmp_path)
-    parents = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"]
-    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+@pytest.mark.xdist_group("card")
+def test_a_sweeps_runs_record_everything(card, mnist5k_root, tmp_path):
+    client, runs, parents = by_config(card["basic"])
+    assert len(parents) == 1 and len(runs) == 3
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     default = client.get_experiment_by_name("Default")
     assert default is None or not client.search_runs([default.experiment_id])
-
-    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.05, 0.5]
-    for run in children:
+    for run in runs.values():
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["sweep"] == parent.data.tags["sweep"]
-        assert params["data.batch_size"] == "64" and params["model.sigma"] == "0.1"
-        assert params["trainer.epochs"] == str(epochs) and params["seed"] == "42"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["sweep"] == parent.data.tags["sweep"]
+        assert params["data.batch_size"] == "96" and params["model.sigma"] == "1.0"
+        assert params["trainer.epochs"] == "3" and params["seed"] == "42"
         assert params["data.root"] == str(mnist5k_root)
         for key in ("git.commit", "python.version", "mxnet.version", "numpy.version", "hydra.version",
                     "mlflow.version", "data.sha256", "hydra.overrides", "context"):
             assert tags.get(key), key
         assert tags["context"] == "cpu(0)"
         assert f"optim.lr={params['optim.lr']}" in tags["hydra.overrides"]
-
-        assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == list(range(epochs + 1))
-        assert [s for s, _ in history(client, run.info.run_id, "train_acc")] == list(range(epochs + 1))
+        assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0, 1, 2, 3]
+        assert [s for s, _ in history(client, run.info.run_id, "train_acc")] == [0, 1, 2, 3]
         for key in ("train_loss", "epoch_seconds", "eval_seconds", "examples_per_second"):
-            assert [s for s, _ in history(client, run.info.run_id, key)] == list(range(1, epochs + 1)), key
+            assert [s for s, _ in history(client, run.info.run_id, key)] == [1, 2, 3], key
         accs = history(client, run.info.run_id, "test_acc")
-        assert accs[0][1] < 0.3 and accs[-1][1] > 0.8  # chance before training, far above it after
-
-        arts = set(artifact_paths(client, run.info.run_id))
+        assert accs[0][1] < 0.3 and accs[-1][1] > accs[0][1] + 0.15  # chance before training, well above after
         assert {"config.yaml", "predictions.png", "confusion_matrix.png", "model/model-symbol.json",
                 "model/model-0000.params", "hydra/config.yaml", "hydra/overrides.yaml",
-                "hydra/hydra.yaml"} <= arts
+                "hydra/hydra.yaml"} <= set(artifact_paths(client, run.info.run_id))
 
     # The exported model reloads with SymbolBlock.imports and scores what the run logged.
-    run = children[0]
+    run = runs["0.5"]
     local = client.download_artifacts(run.info.run_id, "model", str(tmp_path / "dl"))
     net = mx.gluon.SymbolBlock.imports(f"{local}/model-symbol.json", ["data"], f"{local}/model-0000.params")
     _, test = load(locate("mnist", str(mnist5k_root), ""))
@@ -90,9 +59,8 @@ def test_sweep_on_real_digits(tmp_path, mnist5k_root):
 def test_sweep_on_full_fashion_mnist(tmp_path, fashion_root):
     proc = run_cli(["-m", "data=fashion_mnist", "optim.lr=0.1,0.5", "trainer.epochs=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    client, runs = runs_of(tmp_path)
-    jobs = [r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"]
-    assert len(runs) == 3 and len(jobs) == 2
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 2
     for run in jobs:
         assert run.info.status == "FINISHED" and "mlflow.parentRunId" in run.data.tags
         assert run.data.tags["data.root"] == str(fashion_root)
@@ -116,18 +84,12 @@ def _no_runs(folder):
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["optim.lr=-1"], "optim.lr=-1"),
-        (["-m", "optim.lr=0.1,abc"], "optim.lr='abc'"),
-        (["-m", "data.batch_size=64,0"], "data.batch_size=0"),
-        (["model.sigma=0"], "model.sigma=0"),
-        (["trainer.epochs=1.5"], "trainer.epochs=1.5"),
-        (["optim.learning_rate=0.1"], "optim.learning_rate"),
-        (["context=tpu"], "context/tpu"),
-        (["context=gpu"], "mxnet-cu"),
-        (["-m", "context=cpu,gpu"], "mxnet-cu"),
-        (["data.root=/nonexistent/idx"], "data.root=/nonexistent/idx does not exist"),
-        (["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"], "folder /nonexistent/dir does not exist"),
+        (["optim.lr=-1"], "optim.lr=-1"),                              # a config value
+        (["optim.learning_rate=0.1"], "optim.learning_rate"),          # Hydra composition
+        (["-m", "optim.lr=0.1,abc"], "optim.lr='abc'"),                # the sweep callback
+        (["data.root=/nonexistent/idx"], "data.root=/nonexistent/idx does not exist"),  # the job
     ],
+    ids=["config-value", "composition", "callback", "job"],
 )
 def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     defaults = [f"data.root={mnist5k_root}", "trainer.epochs=1"]
@@ -140,46 +102,74 @@ def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     assert _no_runs(tmp_path)
 
 
-def test_missing_data_offline(tmp_path):
-    proc = run_cli(["data.mirrors=[http://127.0.0.1:9/]"], cwd=tmp_path)
-    assert proc.returncode == 2
-    line = proc.stderr.strip()
-    assert "\n" not in line and "train-images-idx3-ubyte.gz" in line and "data.root=" in line
-    assert str(tmp_path / "cache" / "mnist") in line
+@pytest.mark.parametrize(
+    "overrides, error, expect",
+    [
+        (["data.batch_size=0"], ConfigError, "data.batch_size=0"),
+        (["model.sigma=0"], ConfigError, "model.sigma=0"),
+        (["trainer.epochs=1.5"], ConfigError, "trainer.epochs=1.5"),
+        (["context=gpu"], HarnessError, "mxnet-cu"),
+        (["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"], HarnessError, "folder /nonexistent/dir does not exist"),
+    ],
+)
+def test_bad_values_stop_before_any_run(tmp_path, mnist5k_root, overrides, error, expect):
+    """The same checks run.py reaches, called in-process (run.py turns them into one line, above)."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    cfg = compose_cfg(*overrides, f"data.root={mnist5k_root}",
+                      *([] if "tracking.uri" in given else [f"tracking.uri={store_uri(tmp_path)}"]))
+    with pytest.raises(error, match=expect.replace(".", r"\.")):
+        train(cfg)
     assert _no_runs(tmp_path)
 
 
-def test_diverging_run_fails_and_the_sweep_goes_on(tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "optim.lr=1e38,0.1", "trainer.epochs=2", f"data.root={mnist5k_root}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    client, runs = runs_of(tmp_path)
-    by_lr = {r.data.params.get("optim.lr"): r for r in runs if r.data.tags.get("mnist_logreg.role") == "job"}
-    failed, ok = by_lr["1e+38"], by_lr["0.1"]
-    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["failure"]
-    assert history(client, failed.info.run_id, "test_acc")[0][0] == 0  # what was logged is kept
-    assert ok.info.status == "FINISHED"
+def test_missing_data_offline_names_files_folder_and_override(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = compose_cfg(f"data.cache={cache}", "data.mirrors=[http://127.0.0.1:9/]",
+                      f"tracking.uri={store_uri(tmp_path)}")
+    with pytest.raises(DataError) as err:
+        train(cfg)
+    line = str(err.value)
+    assert "\n" not in line and "train-images-idx3-ubyte.gz" in line and "data.root=" in line and str(cache) in line
+    assert _no_runs(tmp_path)
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, "KILLED"), (signal.SIGTERM, "KILLED")])
-def test_interrupted_run_ends_killed_with_its_metrics(tmp_path, mnist5k_root, sig, status):
-    import os
+def test_diverging_run_fails_with_its_metrics(tmp_path, mnist5k_root):
+    result = train(compose_cfg("optim.lr=1e38", "trainer.epochs=2", f"data.root={mnist5k_root}",
+                               f"tracking.uri={store_uri(tmp_path)}"))
+    assert result["status"] == "FAILED" and "epoch 1" in result["failure"]
+    client, (run,) = runs_of(tmp_path)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure"]
+    assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0]  # what was logged is kept
 
-    env = {**os.environ, "MNIST_LOGREG_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "trainer.epochs=100000", f"data.root={mnist5k_root}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if re.search(r"epoch +3/", line) or time.time() > deadline:
-            break
-    proc.send_signal(sig)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    client, runs = runs_of(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == status
-    steps = [s for s, _ in history(client, runs[0].info.run_id, "train_loss")]
-    assert steps[:3] == [1, 2, 3]
+
+def test_sigterm_ends_the_run_killed_and_resume_continues_it_bit_identical(tmp_path, mnist5k_root):
+    args = ["trainer.epochs=40", f"data.root={mnist5k_root}"]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    cut.mkdir(), whole.mkdir()
+    out = signal_when(start_cli(args, cut), r"epoch +3/", signal.SIGTERM)
+    assert "Stopped by SIGTERM" in out and "Traceback" not in out
+    client, (stopped,) = runs_of(cut)
+    assert stopped.info.status == "KILLED"
+    done = len(history(client, stopped.info.run_id, "train_loss"))
+    assert 3 <= done < 40 and [s for s, _ in history(client, stopped.info.run_id, "train_loss")][:3] == [1, 2, 3]
+
+    resumed = train(compose_cfg(f"resume={stopped.info.run_id}", f"tracking.uri={store_uri(cut)}"))
+    assert resumed["status"] == "FINISHED" and resumed["run_id"] == stopped.info.run_id
+    assert resumed["epochs"] == 40 - done  # it trained only what was left
+    client, runs = runs_of(cut)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, not a new one
+    reference = train(compose_cfg(*args, f"tracking.uri={store_uri(whole)}"))
+    client_w = runs_of(whole)[0]
+    assert numbers_of(client, runs[0]) == numbers_of(client_w, client_w.get_run(reference["run_id"]))
+
+
+@pytest.mark.xdist_group("card")
+def test_resume_refuses_a_finished_run(card):
+    client, runs, _ = by_config(card["basic"])
+    run_id = runs["0.1"].info.run_id
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(f"resume={run_id}", f"tracking.uri={store_uri(card['basic'])}"))
+    assert str(err.value) == f"resume={run_id}: the run is FINISHED; only KILLED or FAILED runs can be resumed"
 
 
 def test_full_disk_for_artifacts(tmp_path, mnist5k_root):

@@ -6,44 +6,26 @@ import pytest
 
 from mnist_logreg import reproduce
 from mnist_logreg.job import train
-from conftest import (artifact_paths, compose_cfg, history, jobs_and_parents, numbers_of, run_cli, signal_when,
-                      start_cli, store_uri)
+from conftest import (CARD, artifact_paths, by_config, compose_cfg, history, jobs_and_parents, numbers_of, run_cli,
+                      signal_when, start_cli, store_uri)
 
-pytestmark = pytest.mark.slow
-# 96 does not divide the 4,000 training digits: every epoch ends on a short batch.
-CARD = ["optim.lr=0.05,0.1,0.5", "trainer.epochs=3", "data.batch_size=96"]
-
-
-@pytest.fixture(scope="module")
-def card(tmp_path_factory, mnist5k_root):
-    """The card's 3-lr sweep, with the default launcher and with hydra/launcher=basic, into two stores."""
-    folders = {}
-    for name, extra in (("stacked", []), ("basic", ["hydra/launcher=basic"])):
-        folder = tmp_path_factory.mktemp(name)
-        proc = run_cli(["-m", *CARD, f"data.root={mnist5k_root}", *extra], cwd=folder)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-        folders[name] = folder
-    return folders
-
-
-def by_param(folder, key="optim.lr"):
-    client, jobs, parents = jobs_and_parents(folder)
-    return client, {r.data.params[key]: r for r in jobs}, parents
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("card")]
 
 
 def test_stacked_runs_equal_basic_runs_bit_for_bit(card):
-    client_s, stacked, parents = by_param(card["stacked"])
-    client_b, basic, _ = by_param(card["basic"])
-    assert sorted(stacked) == sorted(basic) == ["0.05", "0.1", "0.5"]
-    for lr, run in stacked.items():
-        assert numbers_of(client_s, run) == numbers_of(client_b, basic[lr]), lr
-        assert len(history(client_s, run.info.run_id, "test_acc")) == 4  # steps 0..3
-    # One stack of three, and each run still has everything a lone job has.
+    client_s, stacked, parents = by_config(card["stacked"])
+    client_b, basic, _ = by_config(card["basic"])
+    assert sorted(basic) == ["0.05", "0.1", "0.5"] and sorted(stacked) == ["0.05", "0.1", "0.5", "1e+38"]
+    for lr, run in basic.items():
+        assert numbers_of(client_s, stacked[lr]) == numbers_of(client_b, run), lr
+        assert len(history(client_s, stacked[lr].info.run_id, "test_acc")) == 4  # steps 0..3
+    # One stack of four at batch 96, and each run still has everything a lone job has.
     assert {r.data.tags["stack.group"] for r in stacked.values()} == {f"{parents[0].data.tags['sweep']}/1"}
-    assert sorted(r.data.tags["stack.index"] for r in stacked.values()) == ["0", "1", "2"]
-    assert all(r.data.tags["stack.size"] == "3" for r in stacked.values())
-    assert "stack.group" not in next(iter(basic.values())).data.tags
-    for run in stacked.values():
+    assert sorted(r.data.tags["stack.index"] for r in stacked.values()) == ["0", "1", "2", "3"]
+    assert all(r.data.tags["stack.size"] == "4" for r in stacked.values())
+    assert "stack.group" not in basic["0.1"].data.tags
+    for lr in basic:
+        run = stacked[lr]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert {"config.yaml", "predictions.png", "confusion_matrix.png", "model/model-symbol.json",
@@ -51,46 +33,53 @@ def test_stacked_runs_equal_basic_runs_bit_for_bit(card):
                 "environment/requirements.txt"} <= set(artifact_paths(client_s, run.info.run_id))
     assert parents[0].info.status == "FINISHED"
     jobs = sorted((card["stacked"] / "outputs" / "sweeps").glob("*/*/[0-9]"))
-    assert len(jobs) == 3
+    assert len(jobs) == 8
     for folder in jobs:  # each job its own folder, Hydra record, log and checkpoint
         assert (folder / ".hydra" / "overrides.yaml").is_file()
-        assert "epoch 3/3" in (folder / "run.log").read_text()
-        assert (folder / "checkpoint" / "epoch-0003" / "net.params").is_file()
+        log = (folder / "run.log").read_text()
+        assert "MLflow run" in log and ("epoch 3/3" in log or "mean training loss is" in log)
+
+
+def test_diverging_member_fails_alone_in_its_stacks(card):
+    client, jobs, _ = jobs_and_parents(card["stacked"])
+    groups = {}
+    for run in jobs:
+        groups.setdefault(run.data.params["data.batch_size"], set()).add(run.data.tags["stack.group"])
+    assert len(groups["96"]) == len(groups["500"]) == 1 and groups["96"] != groups["500"]
+    for run in jobs:
+        if run.data.params["optim.lr"] == "1e+38":
+            assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure"]
+            assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0]  # what was logged stays
+        else:
+            assert run.info.status == "FINISHED"  # and, at batch 96, bit-identical to basic (test above)
 
 
 def test_reproduce_a_stacked_run_at_atol_0(card, capsys):
-    _, stacked, _ = by_param(card["stacked"])
+    _, stacked, _ = by_config(card["stacked"])
     run_id = stacked["0.5"].info.run_id
     assert reproduce.main([run_id, "--tracking-uri", store_uri(card["stacked"])]) == 0
     out = capsys.readouterr().out
     assert "REPRODUCED" in out and "atol=0" in out
 
 
-def test_diverging_member_and_two_batch_sizes(card, tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "optim.lr=1e38,0.1,0.5", "trainer.epochs=3", "data.batch_size=96,500",
-                    f"data.root={mnist5k_root}"], cwd=tmp_path)
+def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root):
+    proc = run_cli(["-m", "optim.lr=0.05,0.1,1e38,1.0", *CARD[1:], f"data.root={mnist5k_root}"],
+                   cwd=card["stacked"])
     assert proc.returncode == 0, proc.stderr
-    client, jobs, parents = jobs_and_parents(tmp_path)
-    assert len(jobs) == 6 and parents[0].info.status == "FINISHED"
-    groups = {}
-    for run in jobs:
-        groups.setdefault(run.data.params["data.batch_size"], set()).add(run.data.tags["stack.group"])
-    assert len(groups["96"]) == len(groups["500"]) == 1 and groups["96"] != groups["500"]
-    diverged = [r for r in jobs if r.data.params["optim.lr"] == "1e+38"]
-    assert all(r.info.status == "FAILED" and "non-finite" in r.data.tags["failure"] for r in diverged)
-    # Its stack-mates at batch 96 equal, to the bit, the basic launcher's lone runs of the card.
-    client_b, basic, _ = by_param(card["basic"])
-    for run in jobs:
-        if run.data.params["data.batch_size"] == "96" and run.info.status == "FINISHED":
-            assert numbers_of(client, run) == numbers_of(client_b, basic[run.data.params["optim.lr"]])
-
-
-def test_relaunch_skips_finished_points_before_stacking(card, mnist5k_root):
-    proc = run_cli(["-m", "optim.lr=0.05,0.1,0.5,1.0", *CARD[1:], f"data.root={mnist5k_root}"], cwd=card["stacked"])
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("skipped: run") == 3
-    _, stacked, _ = by_param(card["stacked"])
-    assert stacked["1.0"].data.tags["stack.size"] == "1"
+    assert proc.stdout.count("skipped: run") == 2  # 0.05 and 0.1 were FINISHED; 1e38 FAILED runs again
+    client, jobs, parents = jobs_and_parents(card["stacked"])
+    at_96 = sorted((r.data.params["optim.lr"], r.info.status) for r in jobs if r.data.params["data.batch_size"] == "96")
+    assert at_96 == [("0.05", "FINISHED"), ("0.1", "FINISHED"), ("0.5", "FINISHED"), ("1.0", "FINISHED"),
+                     ("1e+38", "FAILED"), ("1e+38", "FAILED")]
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert sum(k.startswith("reused.") for k in newest.data.tags) == 2  # the comparison still shows them
+    # force=true trains a FINISHED point again (in-process, through the same phases)
+    uri = store_uri(card["stacked"])
+    again = train(compose_cfg("optim.lr=0.1", *CARD[1:], f"data.root={mnist5k_root}", f"tracking.uri={uri}",
+                              "force=true"))
+    assert again["status"] == "FINISHED"
+    assert sum(r.data.params["optim.lr"] == "0.1" and r.data.params["data.batch_size"] == "96"
+               for r in jobs_and_parents(card["stacked"])[1]) == 2
 
 
 def test_optuna_trials_stack(tmp_path, mnist5k_root):
@@ -105,23 +94,29 @@ def test_optuna_trials_stack(tmp_path, mnist5k_root):
     assert best == max(r.data.metrics["test_acc"] for r in jobs)
 
 
-def test_ctrl_c_kills_every_member_and_a_member_resumes_alone_bit_identical(tmp_path, mnist5k_root):
-    args = ["optim.lr=0.1,0.5", "trainer.epochs=5", "data.batch_size=2", f"data.root={mnist5k_root}"]
-    out = signal_when(start_cli(["-m", *args], tmp_path), r"job\.1\]\[INFO\] - epoch 2/5", signal.SIGINT)
-    assert "Traceback" not in out
+def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_identical(tmp_path, mnist5k_root):
+    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 2) is stopped mid-run.
+    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=4", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
+    out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/4", signal.SIGINT)
+    assert "Traceback" not in out and "Stopped by SIGINT" in out
     client, jobs, parents = jobs_and_parents(tmp_path)
-    assert len(jobs) == 2 and parents[0].info.status == "KILLED"
+    status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
+    assert status == [("2", "KILLED"), ("2", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
+    assert parents[0].info.status == "KILLED"
     for run in jobs:
-        assert run.info.status == "KILLED", out[-2000:]
-        assert [s for s, _ in history(client, run.info.run_id, "train_loss")][:2] == [1, 2]
-        assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
-    stopped = next(r for r in jobs if r.data.params["optim.lr"] == "0.5")
+        if run.info.status == "KILLED":  # its metrics so far and its last checkpoint
+            assert [s for s, _ in history(client, run.info.run_id, "train_loss")][:2] == [1, 2]
+            assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
 
-    uri = store_uri(tmp_path)
-    result = train(compose_cfg(f"resume={stopped.info.run_id}", f"tracking.uri={uri}"))
-    assert result["status"] == "FINISHED" and result["epochs"] >= 1
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    alone = train(compose_cfg("optim.lr=0.5", *args[1:], f"tracking.uri={store_uri(fresh)}"))
-    client_f = jobs_and_parents(fresh)[0]
-    assert numbers_of(client, client.get_run(stopped.info.run_id)) == numbers_of(client_f, client_f.get_run(alone["run_id"]))
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped: run") == 2
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    killed = next(r for r in jobs if r.info.status == "KILLED" and r.data.params["optim.lr"] == "0.5")
+    never_stopped = next(r for r in jobs if r.info.status == "FINISHED" and r.data.params["optim.lr"] == "0.5"
+                         and r.data.params["data.batch_size"] == "2")
+
+    result = train(compose_cfg(f"resume={killed.info.run_id}", f"tracking.uri={store_uri(tmp_path)}"))
+    assert result["status"] == "FINISHED"
+    resumed = client.get_run(killed.info.run_id)
+    assert numbers_of(client, resumed) == numbers_of(client, never_stopped)
