@@ -35,7 +35,7 @@ from . import checkpoint
 from . import data as data_mod
 from . import sweep as sweep_mod
 from .config import flatten, redact, validate
-from .errors import ConfigError, TrackingError
+from .errors import ConfigError
 from .tracking import (
     TAG_FAILURE,
     TAG_PARENT,

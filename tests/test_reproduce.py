@@ -14,7 +14,7 @@ from mnist_logreg.fingerprint import config_hash, lock_hash
 from mnist_logreg.idx import read_idx, write_idx
 from mnist_logreg.job import train
 from mnist_logreg.tracking import git_state
-from conftest import ROOT, CARD, by_config, compose_cfg, jobs_and_parents, numbers_of, run_cli, runs_of, store_uri
+from conftest import ROOT, compose_cfg, numbers_of, run_cli, runs_of, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -75,16 +75,6 @@ def test_reproduce_passes_and_links_the_new_run(logged, capsys):
     assert copy.data.tags["mnist_logreg.role"] == "reproduction"
 
 
-@pytest.mark.xdist_group("card")
-def test_reproduce_a_whole_sweep_into_another_store(card, tmp_path, capsys):
-    _, runs, parents = by_config(card["basic"])
-    assert reproduce.main([parents[0].info.run_id, "--tracking-uri", store_uri(card["basic"]),
-                           "--target-uri", store_uri(tmp_path)]) == 0
-    assert "3 of 3 runs reproduced" in capsys.readouterr().out
-    _, copies = runs_of(tmp_path)
-    assert sorted(c.data.params["optim.lr"] for c in copies) == sorted(runs)
-
-
 def test_changed_dataset_is_named(logged, capsys):
     folder, data, client, run, _ = logged
     path = data / "train-images-idx3-ubyte.gz"
@@ -131,15 +121,3 @@ def test_unknown_run_id_through_python_m(tmp_path, logged):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xdist_group("card")
-def test_basic_and_joblib_launchers_agree(card, tmp_path, mnist5k_root):
-    proc = run_cli(["-m", *CARD, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"data.root={mnist5k_root}"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 workers x 1 OpenMP threads" in proc.stdout
-    client_j, joblib_runs, parents = by_config(tmp_path)
-    client_b, basic_runs, _ = by_config(card["basic"])
-    assert len(parents) == 1 and sorted(joblib_runs) == sorted(basic_runs)
-    for lr, run in joblib_runs.items():
-        assert run.info.status == "FINISHED" and run.data.tags["threads.OMP_NUM_THREADS"] == "1"
-        assert numbers_of(client_j, run) == numbers_of(client_b, basic_runs[lr]), lr

@@ -1,15 +1,21 @@
-"""The stacked launcher (`-m`'s default) through run.py: every run bit-identical to the basic launcher's."""
+"""The card's sweeps through run.py (conftest.card), shared by the tests that read them: the stacked launcher
+(`-m`'s default) bit-identical to the basic one, what a sweep's runs record, relaunch, resume, reproduce."""
 
 import signal
 
+import mxnet as mx
+import numpy as np
 import pytest
+
+from mnist_logreg.data import load, locate
+from mnist_logreg.errors import ConfigError
 
 from mnist_logreg import reproduce
 from mnist_logreg.job import train
 from conftest import (CARD, artifact_paths, by_config, compose_cfg, history, jobs_and_parents, numbers_of, run_cli,
-                      signal_when, start_cli, store_uri)
+                      runs_of, signal_when, start_cli, store_uri)
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("card")]
+pytestmark = pytest.mark.slow
 
 
 def test_stacked_runs_equal_basic_runs_bit_for_bit(card):
@@ -120,3 +126,71 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
     assert result["status"] == "FINISHED"
     resumed = client.get_run(killed.info.run_id)
     assert numbers_of(client, resumed) == numbers_of(client, never_stopped)
+
+
+def test_a_sweeps_runs_record_everything(card, mnist5k_root, tmp_path):
+    client, runs, parents = by_config(card["basic"])
+    assert len(parents) == 1 and len(runs) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    default = client.get_experiment_by_name("Default")
+    assert default is None or not client.search_runs([default.experiment_id])
+    for run in runs.values():
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["sweep"] == parent.data.tags["sweep"]
+        assert params["data.batch_size"] == "96" and params["model.sigma"] == "1.0"
+        assert params["trainer.epochs"] == "3" and params["seed"] == "42"
+        assert params["data.root"] == str(mnist5k_root)
+        for key in ("git.commit", "python.version", "mxnet.version", "numpy.version", "hydra.version",
+                    "mlflow.version", "data.sha256", "hydra.overrides", "context"):
+            assert tags.get(key), key
+        assert tags["context"] == "cpu(0)"
+        assert f"optim.lr={params['optim.lr']}" in tags["hydra.overrides"]
+        assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0, 1, 2, 3]
+        assert [s for s, _ in history(client, run.info.run_id, "train_acc")] == [0, 1, 2, 3]
+        for key in ("train_loss", "epoch_seconds", "eval_seconds", "examples_per_second"):
+            assert [s for s, _ in history(client, run.info.run_id, key)] == [1, 2, 3], key
+        accs = history(client, run.info.run_id, "test_acc")
+        assert accs[0][1] < 0.3 and accs[-1][1] > accs[0][1] + 0.15  # chance before training, well above after
+        assert {"config.yaml", "predictions.png", "confusion_matrix.png", "model/model-symbol.json",
+                "model/model-0000.params", "hydra/config.yaml", "hydra/overrides.yaml",
+                "hydra/hydra.yaml"} <= set(artifact_paths(client, run.info.run_id))
+
+    # The exported model reloads with SymbolBlock.imports and scores what the run logged.
+    run = runs["0.5"]
+    local = client.download_artifacts(run.info.run_id, "model", str(tmp_path / "dl"))
+    net = mx.gluon.SymbolBlock.imports(f"{local}/model-symbol.json", ["data"], f"{local}/model-0000.params")
+    _, test = load(locate("mnist", str(mnist5k_root), ""))
+    pred = net(mx.nd.array(test.x)).argmax(axis=1).asnumpy()
+    assert np.mean(pred == test.y) == pytest.approx(history(client, run.info.run_id, "test_acc")[-1][1])
+
+
+def test_resume_refuses_a_finished_run(card):
+    client, runs, _ = by_config(card["basic"])
+    run_id = runs["0.1"].info.run_id
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(f"resume={run_id}", f"tracking.uri={store_uri(card['basic'])}"))
+    assert str(err.value) == f"resume={run_id}: the run is FINISHED; only KILLED or FAILED runs can be resumed"
+
+
+def test_reproduce_a_whole_sweep_into_another_store(card, tmp_path, capsys):
+    _, runs, parents = by_config(card["basic"])
+    assert reproduce.main([parents[0].info.run_id, "--tracking-uri", store_uri(card["basic"]),
+                           "--target-uri", store_uri(tmp_path)]) == 0
+    assert "3 of 3 runs reproduced" in capsys.readouterr().out
+    _, copies = runs_of(tmp_path)
+    assert sorted(c.data.params["optim.lr"] for c in copies) == sorted(runs)
+
+
+def test_basic_and_joblib_launchers_agree(card, tmp_path, mnist5k_root):
+    proc = run_cli(["-m", *CARD, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"data.root={mnist5k_root}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 workers x 1 OpenMP threads" in proc.stdout
+    client_j, joblib_runs, parents = by_config(tmp_path)
+    client_b, basic_runs, _ = by_config(card["basic"])
+    assert len(parents) == 1 and sorted(joblib_runs) == sorted(basic_runs)
+    for lr, run in joblib_runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags["threads.OMP_NUM_THREADS"] == "1"
+        assert numbers_of(client_j, run) == numbers_of(client_b, basic_runs[lr]), lr

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from mnist_logreg import compare
 from mnist_logreg.services import MlflowServer
-from conftest import ROOT, history, jobs_and_parents, run_cli, store_uri
+from conftest import ROOT, jobs_and_parents, run_cli, store_uri
 
 pytestmark = pytest.mark.slow
 

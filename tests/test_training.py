@@ -3,7 +3,7 @@
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import autograd, gluon, nd
+from mxnet import gluon, nd
 
 from mnist_logreg.data import Split
 from mnist_logreg.model import build_net
