@@ -35,6 +35,7 @@ from . import checkpoint
 from . import data as data_mod
 from . import sweep as sweep_mod
 from .config import flatten, redact, validate
+from .links import run_url
 from .errors import ConfigError
 from .tracking import (
     TAG_FAILURE,
@@ -50,6 +51,7 @@ from .tracking import (
 )
 
 log = logging.getLogger("mnist_logreg.job")
+
 # How long a sweep's job waits for a tracking server that stopped answering mid-sweep.
 SERVER_PATIENCE_S = 300.0
 
@@ -276,7 +278,35 @@ def open_run(job: Job, signals: StopSignals, extra_tags: dict[str, str] | None =
             }
             run = RunLog.create(job.client, job.experiment_id,
                                 redact(",".join(job.overrides)) or "defaults", tags)
+            run.log_inputs(dataset_inputs(job))
     return Recorder(job, run, signals)
+
+
+def dataset_inputs(job: Job) -> list:
+    """The train and test splits as MLflow dataset inputs: name, a digest of the files' sha256,
+    the folder as source, the schema (uint8 pixels and labels) and the number of rows."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from .fingerprint import sha256_text
+
+    hashes = job.files.sha256()
+    out = []
+    for context, split in (("train", job.train_split), ("test", job.test_split)):
+        names = [job.files.paths[f"{context}_{kind}"].name for kind in ("images", "labels")]
+        digest = sha256_text("".join(hashes[n] for n in names))[:16]
+        schema = {"mlflow_tensorspec": {
+            "features": json.dumps([{"name": "image", "type": "tensor",
+                                     "tensor-spec": {"dtype": "uint8", "shape": [-1, split.images.shape[1]]}}]),
+            "targets": json.dumps([{"name": "label", "type": "tensor",
+                                    "tensor-spec": {"dtype": "uint8", "shape": [-1]}}]),
+        }}
+        profile = {"num_rows": int(len(split.labels)), "files": names}
+        dataset = Dataset(f"{job.cfg.data.name}/{context}", digest, "local", json.dumps({"uri": str(job.files.root)}),
+                          json.dumps(schema), json.dumps(profile))
+        out.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    return out
 
 
 # -- record the fit, finish --------------------------------------------------------------------------
@@ -369,7 +399,8 @@ class Recorder:
             if self.job.out_dir is None:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
         self.result.setdefault("status", self.status)
-        self.log.info("MLflow run %s ended %s", self.run.run_id, self.status)
+        self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
+                      run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))
 
 
 def seed_everything(seed: int) -> None:

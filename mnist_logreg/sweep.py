@@ -101,6 +101,7 @@ class SweepTracking(Callback):
             TAG_SWEEP,
             client_for,
             command_line,
+            context_tags,
             ensure_experiment,
             git_state,
         )
@@ -131,6 +132,7 @@ class SweepTracking(Callback):
                 "hydra.sweep.dir": str(config.hydra.sweep.dir),
                 "command": command_line(),
                 **git_state(),
+                **context_tags(),
             },
         )
         self._client = client
@@ -168,3 +170,8 @@ class SweepTracking(Callback):
             self._client.set_terminated(ctx.parent_run_id, status)
         except Exception as exc:  # the store went away: say so, do not mask the real error
             log.warning("could not end sweep run %s: %s", ctx.parent_run_id, exc)
+            return
+        from .links import run_url
+
+        log.info("sweep %s ended %s; its runs in the MLflow UI (mlflow ui --port 5000, or the server): %s",
+                 ctx.sweep, status, run_url(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id))

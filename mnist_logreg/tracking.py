@@ -174,6 +174,20 @@ def git_state(root: str = str(PROJECT_ROOT)) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
 
 
+def context_tags() -> dict[str, str]:
+    """The tags mlflow.start_run adds (user, source name and type, git commit), which the UI shows
+    as Created by and Source; runs made through MlflowClient get none unless given them."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    if sys.argv and sys.argv[0]:
+        tags["mlflow.source.name"] = Path(sys.argv[0]).name if sys.argv[0] != "-c" else "python -c"
+    commit = git_state().get("mlflow.source.git.commit")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return {k: str(v) for k, v in tags.items()}
+
+
 def environment_tags() -> dict[str, str]:
     """Versions of Python and the packages that decide a run's numbers, and the platform."""
     import hydra
@@ -189,6 +203,7 @@ def environment_tags() -> dict[str, str]:
         "mlflow.version": mlflow.__version__,
         "platform": platform.platform(),
         **git_state(),
+        **context_tags(),
     }
 
 
@@ -270,6 +285,9 @@ class RunLog:
         self.spool.unlink()
         log.info("sent the spooled metrics of run %s", self.run_id)
         return True
+
+    def log_inputs(self, datasets: list) -> None:
+        self.client.log_inputs(self.run_id, datasets=datasets)
 
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)

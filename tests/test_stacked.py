@@ -1,6 +1,7 @@
 """The card's sweeps through run.py (conftest.card), shared by the tests that read them: the stacked launcher
 (`-m`'s default) bit-identical to the basic one, what a sweep's runs record, relaunch, resume, reproduce."""
 
+import json
 import signal
 
 import mxnet as mx
@@ -156,6 +157,25 @@ def test_a_sweeps_runs_record_everything(card, mnist5k_root, tmp_path):
         assert {"config.yaml", "predictions.png", "confusion_matrix.png", "model/model-symbol.json",
                 "model/model-0000.params", "hydra/config.yaml", "hydra/overrides.yaml",
                 "hydra/hydra.yaml"} <= set(artifact_paths(client, run.info.run_id))
+
+    # MLflow's own context tags (the UI's Created by and Source) and the dataset inputs
+    for run in [*runs.values(), parent]:
+        assert run.data.tags["mlflow.source.name"] == "run.py" and run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.git.commit"] == run.data.tags["git.commit"]
+    for run in runs.values():
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["mnist/test", "mnist/train"]
+        train_in = inputs["mnist/train"]
+        assert json.loads(train_in.dataset.profile)["num_rows"] == 4000
+        assert json.loads(train_in.dataset.source) == {"uri": str(mnist5k_root)}
+        assert [t.value for t in train_in.tags] == ["train"] and len(train_in.dataset.digest) == 16
+    found = client.search_runs([parent.info.experiment_id], "dataset.name = 'mnist/train'")
+    assert {r.info.run_id for r in found} >= {r.info.run_id for r in runs.values()}  # filter by dataset
+    # a direct link to every run, and to the sweep's parent, in the UI's Model-training view
+    printed = (card["basic"] / "stdout.txt").read_text()
+    eid = parent.info.experiment_id
+    for run in [*runs.values(), parent]:
+        assert f"http://127.0.0.1:5000/#/experiments/{eid}/runs/{run.info.run_id}?workflowType=machine_learning" in printed
 
     # The exported model reloads with SymbolBlock.imports and scores what the run logged.
     run = runs["0.5"]
