@@ -57,6 +57,10 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None)
                 for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
                     (art / "hydra" / f.name).write_text(redact(f.read_text()))
             run.log_artifacts(art)
+            if run.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
+                from .mlflow_model import log_model
+
+                log_model(run.client, run.run_id, run.model_id, art / "model", test.x[:5].asnumpy())
         except OSError as exc:
             _remove_uploaded(run, art)
             raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "

@@ -1,8 +1,10 @@
 """Side-by-side comparison of a sweep's runs: a table sorted by test accuracy, and plots.
 
-    python -m mnist_logreg.compare [--experiment NAME] [--sweep ID] [--output DIR]
+    python -m mnist_logreg.compare [--experiment NAME] [--sweep ID] [--output DIR] [--register NAME]
 
 The table and plots are written to --output and logged as artifacts of the sweep's parent run.
+--register NAME puts the logged model of the sweep's best FINISHED run (by final test_acc) in
+MLflow's Model Registry as a new version of NAME, tagged with the sweep and its test_acc.
 """
 
 from __future__ import annotations
@@ -205,6 +207,32 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def register_best(client, table: pd.DataFrame, sweep: str, name: str):
+    """Register the logged model of the best FINISHED run of the table as a version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    finished = table[table["status"] == "FINISHED"].dropna(subset=["test_acc"])
+    if finished.empty:
+        raise HarnessError(f"sweep {sweep!r} has no FINISHED run to register")
+    best = finished.sort_values("test_acc", ascending=False).iloc[0]
+    run = client.get_run(best["run_id"])
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'", max_results=1)
+    if not models:
+        raise HarnessError(f"run {run.info.run_id} has no logged model (it was trained before models were "
+                           "logged): reproduce it, then register the reproduction")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="mnist_logreg: best runs of sweeps")
+    test_acc = run.data.metrics["test_acc"]
+    version = client.create_model_version(name, f"models:/{models[0].model_id}", run_id=run.info.run_id,
+                                          model_id=models[0].model_id,
+                                          tags={TAG_SWEEP: sweep, "test_acc": f"{test_acc:.6g}"},
+                                          description=f"best of sweep {sweep}: test_acc {test_acc:.4f}")
+    return version
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_logreg.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=None,
@@ -213,12 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default=None, help="sweep tag (default: the latest sweep)")
     parser.add_argument("--output", type=Path, default=None, help="folder (default outputs/compare/SWEEP)")
     parser.add_argument("--no-log", action="store_true", help="do not log the results to the sweep's parent run")
+    parser.add_argument("--register", metavar="NAME", help="register the best run's model as a version of NAME")
     args = parser.parse_args(argv)
     args.tracking_uri = args.tracking_uri or reading_store_uri()
     with exit_on_error():
         table, output = compare(args.tracking_uri, args.experiment, args.sweep, args.output, not args.no_log)
+        if args.register:
+            client = existing_store_client(args.tracking_uri)
+            sweep = args.sweep or latest_sweep(client, client.get_experiment_by_name(args.experiment).experiment_id)
+            version = register_best(client, table, sweep, args.register)
     print(format_table(table))
     print(f"\nwritten to {output}: {', '.join(sorted(p.name for p in output.iterdir()))}")
+    if args.register:
+        print(f"registered {args.register} version {version.version}: run {version.run_id} "
+              f"(test_acc {version.tags['test_acc']}), models:/{args.register}/{version.version}")
     return 0
 
 

@@ -263,6 +263,7 @@ def open_run(job: Job, signals: StopSignals, extra_tags: dict[str, str] | None =
             job.client.update_run(job.resumed.run.info.run_id, status="RUNNING")
             run = RunLog(job.client, job.resumed.run.info.run_id)
             run.set_tags({"resumed.command": command_line(), **dict(extra_tags or {})})
+            run.find_model(job.experiment_id)
         else:
             tags = {
                 TAG_ROLE: "job",
@@ -279,6 +280,7 @@ def open_run(job: Job, signals: StopSignals, extra_tags: dict[str, str] | None =
             run = RunLog.create(job.client, job.experiment_id,
                                 redact(",".join(job.overrides)) or "defaults", tags)
             run.log_inputs(dataset_inputs(job))
+            run.create_model(job.experiment_id)
     return Recorder(job, run, signals)
 
 
@@ -394,6 +396,8 @@ class Recorder:
             latest = checkpoint.latest(self.ckpt_dir)
             if self.status != "FINISHED" and latest is not None:
                 self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+            if self.status != "FINISHED" and self.run.model_id is not None:
+                self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
         finally:
             self.run.end(self.status, self.patience)
             if self.job.out_dir is None:

@@ -82,6 +82,7 @@ class SweepTracking(Callback):
         self._client: Any = None
         self._experiment = ""
         self._output: str | None = None
+        self._register: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns an exception raised in a callback into a warning and launches the jobs
@@ -137,6 +138,7 @@ class SweepTracking(Callback):
         )
         self._client = client
         self._experiment = config.tracking.experiment
+        self._register = OmegaConf.select(config, "tracking.register")
         self._output = str(config.hydra.sweep.dir)
         self._ctx = SweepContext(sweep, uri, experiment_id, parent.run_id)
         os.environ[ENV_VAR] = json.dumps(asdict(self._ctx))
@@ -149,14 +151,19 @@ class SweepTracking(Callback):
         self._close("FINISHED")
 
     def _summarize(self, ctx: SweepContext) -> None:
-        """Compare the sweep's runs: table and plots in the sweep folder and on the parent run."""
-        from .compare import compare, format_table
+        """Compare the sweep's runs: table and plots in the sweep folder and on the parent run; then
+        register the best run's model when tracking.register names a registered model."""
+        from .compare import compare, format_table, register_best
 
         try:
             table, output = compare(ctx.tracking_uri, self._experiment, ctx.sweep,
                                     Path(self._output or ".") / "compare")
             log.info("sweep %s, sorted by final test_acc:\n%s\n(plots in %s; python -m mnist_logreg.compare "
                      "redraws them)", ctx.sweep, format_table(table), output)
+            if self._register:
+                version = register_best(self._client, table, ctx.sweep, self._register)
+                log.info("registered %s version %s: run %s (test_acc %s)", self._register, version.version,
+                         version.run_id, version.tags["test_acc"])
         except Exception as exc:  # a comparison must not fail the sweep whose runs are recorded
             log.warning("could not compare sweep %s: %s", ctx.sweep, exc)
 

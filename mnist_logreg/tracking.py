@@ -224,6 +224,7 @@ class RunLog:
         self.client = client
         self.run_id = run_id
         self.spool = spool  # where metrics wait while the store is unreachable (None: raise)
+        self.model_id: str | None = None  # the run's logged model: its metrics are linked to it
 
     @classmethod
     def create(cls, client, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> "RunLog":
@@ -252,7 +253,7 @@ class RunLog:
         file instead and training goes on; they are sent with the next call that gets through,
         or at the end of the run.
         """
-        points = [(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()]
+        points = [(k, float(v), int(time.time() * 1000), step, self.model_id) for k, v in metrics.items()]
         if self.spool is not None and self.spool.exists():
             self.flush()
         try:
@@ -285,6 +286,24 @@ class RunLog:
         self.spool.unlink()
         log.info("sent the spooled metrics of run %s", self.run_id)
         return True
+
+    def create_model(self, experiment_id: str, name: str = "classifier") -> str:
+        """A logged model (PENDING until finished) linked to this run, as its output; later metrics
+        are linked to it too. Returns its id."""
+        from mlflow.entities import LoggedModelOutput
+
+        model = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id,
+                                                model_type="gluon-pyfunc")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, 0)])
+        self.model_id = model.model_id
+        return model.model_id
+
+    def find_model(self, experiment_id: str) -> str | None:
+        """The logged model this run created (when a resumed run goes on), or None."""
+        found = self.client.search_logged_models(experiment_ids=[experiment_id],
+                                                  filter_string=f"source_run_id = '{self.run_id}'", max_results=1)
+        self.model_id = found[0].model_id if found else None
+        return self.model_id
 
     def log_inputs(self, datasets: list) -> None:
         self.client.log_inputs(self.run_id, datasets=datasets)

@@ -214,3 +214,86 @@ def test_basic_and_joblib_launchers_agree(card, tmp_path, mnist5k_root):
     for lr, run in joblib_runs.items():
         assert run.info.status == "FINISHED" and run.data.tags["threads.OMP_NUM_THREADS"] == "1"
         assert numbers_of(client_j, run) == numbers_of(client_b, basic_runs[lr]), lr
+
+
+def _logged_model(client, run):
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run.info.run_id}'")
+    return model
+
+
+def test_the_logged_model_predicts_the_logged_test_accuracy(card, mnist5k_root, monkeypatch):
+    import mlflow
+
+    client, runs, _ = by_config(card["basic"])
+    run = runs["0.5"]
+    model = _logged_model(client, run)
+    assert str(model.status).endswith("READY")
+    assert model.source_run_id == run.info.run_id
+    assert {m.key for m in model.metrics} >= {"test_acc", "train_loss"}  # the run's metrics are linked to it
+    assert model.model_id in [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(card["basic"]))
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    assert str(loaded.metadata.signature.inputs) == "[Tensor('float32', (-1, 784))]"
+    assert loaded.metadata.signature.outputs.input_names()[-1] == "label"
+    _, test = load(locate("mnist", str(mnist5k_root), ""))
+    predicted = loaded.predict(test.x)
+    assert np.allclose(predicted.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
+    assert np.mean(predicted["label"].values == test.labels) == run.data.metrics["test_acc"]  # exactly
+
+
+def test_mlflow_models_serve_scores_real_images(card, mnist5k_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mnist_logreg.services import free_port
+
+    client, runs, _ = by_config(card["basic"])
+    model = _logged_model(client, runs["0.5"])
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(card["basic"])}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model.model_id}",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        _, test = load(locate("mnist", str(mnist5k_root), ""))
+        pick = [0, 250, 500, 750, 999]  # one digit of several classes (the test split is sorted by class)
+        body = json.dumps({"inputs": test.x[pick].tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            predictions = json.load(resp)["predictions"]
+        served = [int(p["label"]) for p in predictions]
+        assert len(served) == 5
+        assert sum(s == t for s, t in zip(served, test.labels[pick])) >= 3  # a trained model, on real digits
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_compare_registers_the_best_run_of_a_sweep(card, capsys):
+    from mnist_logreg import compare
+
+    client, runs, parents = by_config(card["basic"])
+    uri = store_uri(card["basic"])
+    sweep = parents[0].data.tags["sweep"]
+    assert compare.main(["--tracking-uri", uri, "--sweep", sweep, "--no-log", "--output",
+                         str(card["basic"] / "cmp"), "--register", "mnist-best"]) == 0
+    assert "registered mnist-best version 1" in capsys.readouterr().out
+    best = max(runs.values(), key=lambda r: r.data.metrics["test_acc"])
+    (found,) = client.search_model_versions("name = 'mnist-best'")
+    version = client.get_model_version("mnist-best", found.version)
+    assert version.run_id == best.info.run_id
+    assert version.source == f"models:/{_logged_model(client, best).model_id}"
+    assert version.tags == {"sweep": sweep, "test_acc": f"{best.data.metrics['test_acc']:.6g}"}
