@@ -39,34 +39,34 @@ class GluonClassifier(PythonModel):
         x = np.asarray(model_input.values if hasattr(model_input, "values") else model_input, dtype=np.float32)
         scores = self.net(mx.nd.array(x.reshape(len(x), -1))).asnumpy()
         shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        probs = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
         out = pd.DataFrame({f"prob_{k}": probs[:, k] for k in range(probs.shape[1])})
         out["label"] = scores.argmax(axis=1).astype(np.int64)
         return out
 
 
-def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray) -> None:
-    """Save the pyfunc (signature and input example from real test images) into the logged model
-    `model_id`, whose metrics the run has been logging, and mark it READY."""
-    import mlflow
-    import mxnet  # noqa: F401  (its version goes into the requirements)
-    from mlflow.models import infer_signature
+def signature(num_classes: int = 10):
+    """784 float32 pixels in; the class probabilities (float32) and the label (int64) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    wrapper = GluonClassifier()
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 784))])
+    outputs = Schema([ColSpec("float", f"prob_{k}") for k in range(num_classes)] + [ColSpec("long", "label")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray) -> None:
+    """Save the pyfunc (with its signature and an input example of real test images) into the
+    logged model `model_id`, whose metrics the run has been logging, and mark it READY."""
+    import mlflow
+    import mxnet
+
     artifacts = {SYMBOL: str(export_dir / "model-symbol.json"), PARAMS: str(export_dir / "model-0000.params")}
     with tempfile.TemporaryDirectory() as tmp:
-
-        class _Context:  # the artifacts as the loaded model sees them, to infer the output schema
-            pass
-
-        ctx = _Context()
-        ctx.artifacts = artifacts
-        wrapper.load_context(ctx)
-        signature = infer_signature(example, wrapper.predict(ctx, example))
-        del wrapper.net
         saved = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
-            saved, python_model=wrapper, artifacts=artifacts, signature=signature, input_example=example,
+            saved, python_model=GluonClassifier(), artifacts=artifacts, signature=signature(),
+            input_example=example,
             pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}", "pandas"],
         )

@@ -2,7 +2,6 @@
 (`-m`'s default) bit-identical to the basic one, what a sweep's runs record, relaunch, resume, reproduce."""
 
 import json
-import signal
 
 import mxnet as mx
 import numpy as np
@@ -14,7 +13,7 @@ from mnist_logreg.errors import ConfigError
 from mnist_logreg import reproduce
 from mnist_logreg.job import train
 from conftest import (CARD, artifact_paths, by_config, compose_cfg, history, jobs_and_parents, numbers_of, run_cli,
-                      runs_of, signal_when, start_cli, store_uri)
+                      runs_of, store_uri)
 
 pytestmark = pytest.mark.slow
 
@@ -87,46 +86,6 @@ def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root):
     assert again["status"] == "FINISHED"
     assert sum(r.data.params["optim.lr"] == "0.1" and r.data.params["data.batch_size"] == "96"
                for r in jobs_and_parents(card["stacked"])[1]) == 2
-
-
-def test_optuna_trials_stack(tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
-                    f"data.root={mnist5k_root}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "Best value" in proc.stdout
-    _, jobs, parents = jobs_and_parents(tmp_path)
-    assert len(parents) == 1 and len(jobs) == 4
-    assert {r.data.tags["stack.size"] for r in jobs} == {"4"}  # the preset's batch of 4 trials, one stack
-    best = float(proc.stdout.split("Best value:")[1].split()[0])
-    assert best == max(r.data.metrics["test_acc"] for r in jobs)
-
-
-def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_identical(tmp_path, mnist5k_root):
-    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 2) is stopped mid-run.
-    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=4", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
-    out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/4", signal.SIGINT)
-    assert "Traceback" not in out and "Stopped by SIGINT" in out
-    client, jobs, parents = jobs_and_parents(tmp_path)
-    status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
-    assert status == [("2", "KILLED"), ("2", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
-    assert parents[0].info.status == "KILLED"
-    for run in jobs:
-        if run.info.status == "KILLED":  # its metrics so far and its last checkpoint
-            assert [s for s, _ in history(client, run.info.run_id, "train_loss")][:2] == [1, 2]
-            assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
-
-    again = run_cli(args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("skipped: run") == 2
-    client, jobs, _ = jobs_and_parents(tmp_path)
-    killed = next(r for r in jobs if r.info.status == "KILLED" and r.data.params["optim.lr"] == "0.5")
-    never_stopped = next(r for r in jobs if r.info.status == "FINISHED" and r.data.params["optim.lr"] == "0.5"
-                         and r.data.params["data.batch_size"] == "2")
-
-    result = train(compose_cfg(f"resume={killed.info.run_id}", f"tracking.uri={store_uri(tmp_path)}"))
-    assert result["status"] == "FINISHED"
-    resumed = client.get_run(killed.info.run_id)
-    assert numbers_of(client, resumed) == numbers_of(client, never_stopped)
 
 
 def test_a_sweeps_runs_record_everything(card, mnist5k_root, tmp_path):

@@ -139,3 +139,15 @@ def test_mlflow_server_shows_the_sweep(sweep_store):
             hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
                         metric_key="test_acc")["metrics"]
             assert sorted(m["step"] for m in hist) == [0, 1, 2]
+
+
+def test_optuna_trials_stack(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
+                    f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Best value" in proc.stdout
+    _, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 4
+    assert {r.data.tags["stack.size"] for r in jobs} == {"4"}  # the preset's batch of 4 trials, one stack
+    best = float(proc.stdout.split("Best value:")[1].split()[0])
+    assert best == max(r.data.metrics["test_acc"] for r in jobs)

@@ -1,0 +1,40 @@
+"""Stopping: Ctrl-C and SIGTERM reach the launching process; runs end KILLED with their metrics and
+checkpoints, a relaunch reruns only what did not finish, and resume=RUN_ID continues a run."""
+
+import signal
+
+import pytest
+
+from mnist_logreg.job import train
+from conftest import (artifact_paths, compose_cfg, history, jobs_and_parents, numbers_of, run_cli, signal_when,
+                      start_cli, store_uri)
+
+pytestmark = pytest.mark.slow
+
+
+def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_identical(tmp_path, mnist5k_root):
+    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 2) is stopped mid-run.
+    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=4", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
+    out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/4", signal.SIGINT)
+    assert "Traceback" not in out and "Stopped by SIGINT" in out
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
+    assert status == [("2", "KILLED"), ("2", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
+    assert parents[0].info.status == "KILLED"
+    for run in jobs:
+        if run.info.status == "KILLED":  # its metrics so far and its last checkpoint
+            assert [s for s, _ in history(client, run.info.run_id, "train_loss")][:2] == [1, 2]
+            assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped: run") == 2
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    killed = next(r for r in jobs if r.info.status == "KILLED" and r.data.params["optim.lr"] == "0.5")
+    never_stopped = next(r for r in jobs if r.info.status == "FINISHED" and r.data.params["optim.lr"] == "0.5"
+                         and r.data.params["data.batch_size"] == "2")
+
+    result = train(compose_cfg(f"resume={killed.info.run_id}", f"tracking.uri={store_uri(tmp_path)}"))
+    assert result["status"] == "FINISHED"
+    resumed = client.get_run(killed.info.run_id)
+    assert numbers_of(client, resumed) == numbers_of(client, never_stopped)
