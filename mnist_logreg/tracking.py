@@ -40,6 +40,35 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Refuse, without touching it, a file that is not an SQLite database or is another program's
+    database: MLflow would fail on the first (with two tracebacks) and add its tables to the second.
+    A missing or empty file is fine: MLflow creates a fresh store in it."""
+    import sqlite3
+
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return
+    fix = "point tracking.uri (or --tracking-uri) at an MLflow store or at a new file"
+    if not db.is_file():
+        raise TrackingError(f"{db} is not a file: {fix}")
+    with open(db, "rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise TrackingError(f"{db} is not an SQLite database (corrupt, or another kind of file): {fix}; "
+                            "the file was left as it is")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise TrackingError(f"{db} cannot be read as an SQLite database ({exc}): {fix}") from exc
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        raise TrackingError(f"{db} is an SQLite database but not an MLflow store (tables: "
+                            f"{', '.join(sorted(tables)[:5])}): {fix}; the file was left as it is")
+
+
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError within `timeout` seconds when the tracking server at uri does not answer.
 
@@ -95,6 +124,8 @@ def client_for(uri: str, patience: float = 0.0):
         raise TrackingError(
             f"tracking.uri={uri}: folder {db.parent} does not exist; create it or set tracking.uri"
         )
+    if db is not None:
+        check_sqlite_store(db)
     if uri.startswith(("http://", "https://")):
         wait_for_server(uri, patience)
         uri = move_credentials_to_env(uri)

@@ -1,5 +1,6 @@
 """Team tracking: a real PostgreSQL, a real `mlflow server` on it, parallel jobs logging over HTTP."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -83,3 +84,29 @@ def test_soak_at_reduced_size(tmp_path, mnist5k_root, server):
     assert report["runs_recorded"] == 4 and report["runs_finished"] == 4 and report["errors"] == 0
     assert report["metric_points_recorded"] == report["metric_points_expected"] == 4 * 8
     assert report["server_restarted_at_s"] is not None  # the server really went down mid-sweep
+
+
+def test_spool_upload_is_idempotent_and_refuses_a_foreign_run(tmp_path, server, capsys):
+    """A spool file left by a job whose server stayed down: sent later, each point once."""
+    from mnist_logreg import spool
+
+    client = MlflowClient(server.url)
+    exp = client.create_experiment("spooled")
+    run_id = client.create_run(exp).info.run_id
+    points = [[("train_loss", 0.5 / s, 1_700_000_000_000 + s, s), ("test_acc", 0.8 + s / 100, 1_700_000_000_000 + s, s)]
+              for s in (1, 2, 3)]
+    path = tmp_path / f"metrics-{run_id}.spool.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in points) + "\n")
+    for _ in range(2):  # twice: the second run sends nothing
+        assert spool.main([str(path), "--tracking-uri", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "6 metric points sent, 0 already there" in out and "0 metric points sent, 6 already there" in out
+    assert [s for s, _ in history(client, run_id, "train_loss")] == [1, 2, 3]
+    assert [v for _, v in history(client, run_id, "test_acc")] == [0.8 + s / 100 for s in (1, 2, 3)]
+
+    foreign = tmp_path / f"metrics-{'0' * 32}.spool.jsonl"
+    foreign.write_text(path.read_text())
+    with pytest.raises(SystemExit) as err:
+        spool.main([str(foreign), "--tracking-uri", server.url])
+    assert err.value.code == 2
+    assert f"run {'0' * 32} is not in" in capsys.readouterr().err
