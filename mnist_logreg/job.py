@@ -139,4 +139,23 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
         with exit_on_error():
             return train(cfg)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except KeyboardInterrupt:
+        _leave_worker_quietly()
+        raise
+
+
+def _leave_worker_quietly() -> None:
+    """In a joblib (loky) worker, a stopped job has ended its run KILLED; the worker then exits at
+    once, instead of unwinding into MXNet's teardown, which prints tracebacks while the launching
+    process prints its one line."""
+    import multiprocessing
+    import os
+    import sys
+
+    if multiprocessing.current_process().name.startswith("LokyProcess"):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)

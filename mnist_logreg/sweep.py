@@ -143,6 +143,14 @@ class SweepTracking(Callback):
         self._ctx = SweepContext(sweep, uri, experiment_id, parent.run_id)
         os.environ[ENV_VAR] = json.dumps(asdict(self._ctx))
         atexit.register(lambda: self._close("KILLED" if _interrupted else "FAILED"))
+        from . import stopping
+
+        def first_signal(signum: int) -> None:
+            mark_interrupted()
+            if self._ctx is not None:
+                stopping.stop_workers(self._client, self._ctx.experiment_id, self._ctx.parent_run_id)
+
+        stopping.install(first_signal)
         log.info("sweep %s: parent run %s in experiment %s", sweep, parent.run_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -174,6 +182,11 @@ class SweepTracking(Callback):
         ctx, self._ctx = self._ctx, None
         os.environ.pop(ENV_VAR, None)
         try:
+            if status != "FINISHED":  # jobs whose processes died, or that a launcher killed
+                from .stopping import end_orphaned_runs, terminate_descendants
+
+                terminate_descendants()
+                end_orphaned_runs(self._client, ctx.experiment_id, ctx.parent_run_id, status == "KILLED")
             self._client.set_terminated(ctx.parent_run_id, status)
         except Exception as exc:  # the store went away: say so, do not mask the real error
             log.warning("could not end sweep run %s: %s", ctx.parent_run_id, exc)

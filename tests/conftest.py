@@ -93,10 +93,10 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def signal_when(proc: subprocess.Popen, pattern: str, sig: int, timeout: float = 120) -> str:
-    """Send sig to proc once a line of its output matches pattern; wait for it to exit; return its
-    whole output. Fails the test (killing proc) when the line does not come within timeout seconds,
-    however long the process stays silent."""
+def signal_when(proc: subprocess.Popen, pattern: str, sig: int | None, timeout: float = 120, before=None) -> str:
+    """Once a line of proc's output matches pattern, call before() (if given) and send sig (if not
+    None); wait for proc to exit; return its whole output. Fails the test (killing proc) when the
+    line does not come within timeout seconds, however long the process stays silent."""
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
                               daemon=True)
@@ -114,7 +114,10 @@ def signal_when(proc: subprocess.Popen, pattern: str, sig: int, timeout: float =
         seen.append(line)
         if re.search(pattern, line):
             break
-    proc.send_signal(sig)
+    if before is not None:
+        before()
+    if sig is not None:
+        proc.send_signal(sig)
     try:
         proc.wait(timeout=60)
     finally:

@@ -46,10 +46,14 @@ def _no_runs(folder):
         (["optim.learning_rate=0.1"], "optim.learning_rate"),          # Hydra composition
         (["-m", "optim.lr=0.1,abc"], "optim.lr='abc'"),                # the sweep callback
         (["data.root=/nonexistent/idx"], "data.root=/nonexistent/idx does not exist"),  # the job
+        (["-m", "optim.lr=0.1,0.5", "tracking.uri=sqlite:///{tmp}/notes.db"], "notes.db is not an SQLite database"),
     ],
-    ids=["config-value", "composition", "callback", "job"],
+    ids=["config-value", "composition", "callback", "job", "corrupt-store"],
 )
 def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
+    notes = tmp_path / "notes.db"
+    notes.write_text("not a database, and it stays as it is\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     defaults = [f"data.root={mnist5k_root}", "trainer.epochs=1"]
     given = {a.split("=", 1)[0] for a in args}
     proc = run_cli([*args, *(d for d in defaults if d.split("=", 1)[0] not in given)], cwd=tmp_path)
@@ -58,6 +62,7 @@ def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert _no_runs(tmp_path)
+    assert notes.read_text() == "not a database, and it stays as it is\n"
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,14 @@
 """Stopping: Ctrl-C and SIGTERM reach the launching process; runs end KILLED with their metrics and
 checkpoints, a relaunch reruns only what did not finish, and resume=RUN_ID continues a run."""
 
+import os
 import signal
+import time
 
 import pytest
 
 from mnist_logreg.job import train
+from mnist_logreg.stopping import _alive, descendants
 from conftest import (artifact_paths, compose_cfg, history, jobs_and_parents, numbers_of, run_cli, signal_when,
                       start_cli, store_uri)
 
@@ -38,3 +41,47 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
     assert result["status"] == "FINISHED"
     resumed = client.get_run(killed.info.run_id)
     assert numbers_of(client, resumed) == numbers_of(client, never_stopped)
+
+
+JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.1,0.5", "trainer.epochs=300"]
+
+
+def test_sigterm_to_the_launching_process_stops_joblib_workers(tmp_path, mnist5k_root):
+    """What `timeout`, a cancelled CI job or a scheduler does: SIGTERM to the launching process only."""
+    proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)
+    workers = []
+    out = signal_when(proc, r"epoch +3/300", signal.SIGTERM, before=lambda: workers.extend(descendants(proc.pid)))
+    assert proc.returncode == 128 + signal.SIGTERM and "Stopped by SIGTERM" in out and "Traceback" not in out
+    deadline = time.monotonic() + 5  # no worker outlives it by more than a few seconds
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and not [p for p in workers if _alive(p)]
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert parents[0].info.status == "KILLED" and len(jobs) == 2
+    epochs = {r.info.run_id: len(history(client, r.info.run_id, "train_loss")) for r in jobs}
+    assert max(epochs.values()) >= 3  # (the other worker may have started later)
+    for run in jobs:
+        assert run.info.status == "KILLED"
+        if epochs[run.info.run_id]:  # its metrics so far, and its last checkpoint for resume=
+            assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
+
+
+def test_a_worker_killed_with_sigkill_leaves_no_run_running(tmp_path, mnist5k_root):
+    proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)
+    victims = []
+
+    def kill_a_worker():
+        loky = [p for p in descendants(proc.pid) if b"LokyProcess" in open(f"/proc/{p}/cmdline", "rb").read()]
+        victims.append(loky[0])
+        os.kill(loky[0], signal.SIGKILL)
+
+    out = signal_when(proc, r"epoch +3/300", None, before=kill_a_worker)
+    assert proc.returncode != 0, out[-2000:]
+    deadline = time.monotonic() + 5
+    while [p for p in descendants(proc.pid) if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert parents[0].info.status == "FAILED"
+    assert all(r.info.status in ("FAILED", "KILLED") for r in jobs)  # none left RUNNING
+    died = [r for r in jobs if "process died" in r.data.tags.get("failure", "")]
+    assert died and all(len(history(client, r.info.run_id, "train_loss")) >= 1 for r in died)
