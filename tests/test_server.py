@@ -3,6 +3,8 @@
 import json
 import re
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,35 @@ def test_spool_upload_is_idempotent_and_refuses_a_foreign_run(tmp_path, server, 
         spool.main([str(foreign), "--tracking-uri", server.url])
     assert err.value.code == 2
     assert f"run {'0' * 32} is not in" in capsys.readouterr().err
+
+
+def _get(base, path, **query):
+    with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=10) as resp:
+        return json.load(resp)
+
+
+def _post(base, path, body):
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def test_mlflow_server_shows_the_sweep(server):
+    """What the UI asks the server for, about the soak's sweep (run above): its parent, children, histories."""
+    base = server.url
+    exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="soak")["experiment"]
+    parents = _post(base, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]], "filter": "tags.`mnist_logreg.role` = 'sweep'"})["runs"]
+    assert len(parents) == 1
+    parent_id = parents[0]["info"]["run_id"]
+    children = _post(base, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]],
+        "filter": f"tags.mlflow.parentRunId = '{parent_id}'", "max_results": 100})["runs"]
+    assert len(children) == 4
+    for child in children:
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        assert {"optim.lr", "model.sigma", "seed", "data.batch_size"} <= set(params)
+        hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
+                    metric_key="test_acc")["metrics"]
+        assert sorted(m["step"] for m in hist) == [0, 1]

@@ -162,19 +162,6 @@ def test_reproduce_a_whole_sweep_into_another_store(card, tmp_path, capsys):
     assert sorted(c.data.params["optim.lr"] for c in copies) == sorted(runs)
 
 
-def test_basic_and_joblib_launchers_agree(card, tmp_path, mnist5k_root):
-    proc = run_cli(["-m", *CARD, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"data.root={mnist5k_root}"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 workers x 1 OpenMP threads" in proc.stdout
-    client_j, joblib_runs, parents = by_config(tmp_path)
-    client_b, basic_runs, _ = by_config(card["basic"])
-    assert len(parents) == 1 and sorted(joblib_runs) == sorted(basic_runs)
-    for lr, run in joblib_runs.items():
-        assert run.info.status == "FINISHED" and run.data.tags["threads.OMP_NUM_THREADS"] == "1"
-        assert numbers_of(client_j, run) == numbers_of(client_b, basic_runs[lr]), lr
-
-
 def _logged_model(client, run):
     (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                            filter_string=f"source_run_id = '{run.info.run_id}'")

@@ -1,16 +1,13 @@
 """Sweeps at scale: presets, the joblib and submitit launchers, many writers, compare, the MLflow server."""
 
 import csv
-import json
-import urllib.parse
-import urllib.request
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from mnist_logreg import compare
-from mnist_logreg.services import MlflowServer
-from conftest import ROOT, jobs_and_parents, run_cli, store_uri
+from mnist_logreg.job import train
+from conftest import ROOT, compose_cfg, jobs_and_parents, numbers_of, run_cli, runs_of, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +70,17 @@ def test_parallel_writers_exact_counts(sweep_store):
     assert default is None or not client.search_runs([default.experiment_id])
 
 
+def test_joblib_runs_equal_the_plain_single_run_path(sweep_store, tmp_path, mnist5k_root):
+    """Two of the joblib workers' runs against the same configs trained in this process by job.train."""
+    client, jobs, _ = jobs_and_parents(sweep_store)
+    for run in sorted(jobs, key=lambda r: r.info.start_time)[::5]:
+        p = run.data.params
+        alone = train(compose_cfg(f"optim.lr={p['optim.lr']}", f"model.sigma={p['model.sigma']}", f"seed={p['seed']}",
+                                  "trainer.epochs=2", f"data.root={mnist5k_root}", f"tracking.uri={store_uri(tmp_path)}"))
+        mine = runs_of(tmp_path)[0]
+        assert numbers_of(client, run) == numbers_of(mine, mine.get_run(alone["run_id"]))
+
+
 def test_compare_table_and_plots(sweep_store, capsys, monkeypatch):
     out = sweep_store / "cmp"
     monkeypatch.chdir(sweep_store / "outputs")  # the store is named by the environment, as MLflow reads it
@@ -107,38 +115,6 @@ def test_compare_on_an_empty_experiment(tmp_path, sweep_store, capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error: experiment 'nothing_here' does not exist")
     assert "\n" not in proc.stderr.strip()
-
-
-def _get(base, path, **query):
-    with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=10) as resp:
-        return json.load(resp)
-
-
-def _post(base, path, body):
-    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp)
-
-
-def test_mlflow_server_shows_the_sweep(sweep_store):
-    with MlflowServer(store_uri(sweep_store), sweep_store / "served-artifacts") as server:
-        base = server.url
-        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="mnist_logreg")["experiment"]
-        parents = _post(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp["experiment_id"]], "filter": "tags.`mnist_logreg.role` = 'sweep'"})["runs"]
-        assert len(parents) == 1
-        parent_id = parents[0]["info"]["run_id"]
-        children = _post(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp["experiment_id"]],
-            "filter": f"tags.mlflow.parentRunId = '{parent_id}'", "max_results": 100})["runs"]
-        assert len(children) == 8
-        for child in children:
-            params = {p["key"]: p["value"] for p in child["data"]["params"]}
-            assert {"optim.lr", "model.sigma", "seed", "data.batch_size"} <= set(params)
-            hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
-                        metric_key="test_acc")["metrics"]
-            assert sorted(m["step"] for m in hist) == [0, 1, 2]
 
 
 def test_optuna_trials_stack(tmp_path, mnist5k_root):
