@@ -76,7 +76,20 @@ def exit_on_interrupt() -> Iterator[None]:
         print(f"Stopped by {signal.Signals(signum).name}: running jobs ended KILLED with their metrics and "
               "last checkpoint; run the same command again to train only what did not finish, or "
               "resume=RUN_ID to continue one run", file=sys.stderr)
-        sys.exit(128 + signum)
+        _exit_now(128 + signum)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after the exit handlers (the sweep's parent run ends there) but without the interpreter's
+    teardown, in which MXNet's NDArray finalizers print tracebacks once its library is gone."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def install_hydra_error_handler() -> None:
