@@ -2,6 +2,9 @@
 (`-m`'s default) bit-identical to the basic one, what a sweep's runs record, relaunch, resume, reproduce."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -243,3 +246,68 @@ def test_compare_registers_the_best_run_of_a_sweep(card, capsys):
     assert version.run_id == best.info.run_id
     assert version.source == f"models:/{_logged_model(client, best).model_id}"
     assert version.tags == {"sweep": sweep, "test_acc": f"{best.data.metrics['test_acc']:.6g}"}
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian Chromium driven through chromedriver (.ci/run installs both)."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1500,950"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(card, browser, tmp_path):
+    """`mlflow ui`'s Model-training view, as a person sees it: the sweep's parent run in the runs
+    view, its jobs once expanded, and a job's page naming its parent run, dataset and logged model."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mnist_logreg.links import experiment_url, run_url
+    from mnist_logreg.services import MlflowServer
+
+    client, runs, parents = by_config(card["basic"])
+    parent, child = parents[0], runs["0.5"]
+    sweep_name = parent.info.run_name
+    with MlflowServer(store_uri(card["basic"]), tmp_path / "served") as server:
+        wait = WebDriverWait(browser, 60)
+        browser.get(experiment_url(server.url, parent.info.experiment_id))
+        wait.until(lambda d: sweep_name in d.find_element(By.TAG_NAME, "body").text)
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "Model training" in body and "Run Name" in body and "Trace" not in body.split("Run Name")[1][:200]
+        for close in browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # the assistant panel
+            close.click()
+        # the + before the sweep's name shows its jobs
+        name = browser.find_element(By.XPATH, f"//span[text()='{sweep_name}']")
+        name.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-cell-wrapper')]//button").click()
+        wait.until(lambda d: all(r.info.run_name[:20] in d.find_element(By.TAG_NAME, "body").text for r in runs.values()))
+        shot = tmp_path / "mlflow_runs_view.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000
+        if os.environ.get("MNIST_LOGREG_UPDATE_DOCS") == "1":  # the README's picture
+            shutil.copy(shot, Path(__file__).resolve().parent.parent / "docs" / "mlflow_runs_view.png")
+
+        browser.get(run_url(server.url, child.info.experiment_id, child.info.run_id))
+        wait.until(lambda d: "Parent run" in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(lambda d: "classifier" in d.find_element(By.TAG_NAME, "body").text)
+        page = browser.find_element(By.TAG_NAME, "body").text
+        after = page.split("Parent run", 1)[1]
+        assert after.lstrip().startswith(sweep_name)  # names its parent run
+        assert "mnist/train" in page  # its dataset
+        assert "classifier" in page and "Ready" in page  # its logged model
+        assert "run.py" in page  # its source
+        (tmp_path / "child_page.txt").write_text(page)
