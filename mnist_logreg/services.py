@@ -74,6 +74,10 @@ class MlflowServer:
              "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            # MLflow 3's server also starts a job runner and three huey consumers for its GenAI
+            # jobs (scorers, optimizers): a tracking server needs none of them.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"},
         )
         deadline = time.time() + timeout
         while True:
