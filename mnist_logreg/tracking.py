@@ -337,7 +337,17 @@ class RunLog:
         return self.model_id
 
     def log_inputs(self, datasets: list) -> None:
-        self.client.log_inputs(self.run_id, datasets=datasets)
+        """Link the datasets to the run. Two jobs that log a new dataset at once can both try to
+        insert it (MLflow checks, then inserts): the loser retries, and then finds it."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(5):
+            try:
+                return self.client.log_inputs(self.run_id, datasets=datasets)
+            except MlflowException as exc:
+                if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
