@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon, nd
+from mxnet import gluon, nd
 
 from .model import NUM_INPUTS, build_net
-from .training import DeviceSplit, EpochMetrics, make_trainer
+from .training import DeviceSplit, EpochMetrics, make_trainer, run_epoch
 
 
 @dataclass(frozen=True)
@@ -188,18 +188,7 @@ class Stack:
         n = len(train)
         rng = rng if rng is not None else np.random.default_rng(seed)
         for epoch in range(start_epoch, epochs + 1):
-            order = nd.array(rng.permutation(n), ctx=train.x.context, dtype=np.int64)
-            xs, ys = nd.take(train.x, order), nd.take(train.y, order)
-            losses = []
-            t0 = time.perf_counter()
-            for start in range(0, n, batch_size):
-                xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-                with autograd.record():
-                    loss = self.block(xb, yb)
-                loss.backward()
-                self._step(batch_size)
-                losses.append(loss)
-            epoch_losses = nd.concat(*losses, dim=0)
+            epoch_losses, t0 = run_epoch(self.block, self._step, train, batch_size, rng)
             # Each model's mean, summed exactly as fit sums its own 1-D loss vector.
             sums = [epoch_losses[:, i].astype(np.float64).sum() for i in range(self.k)]
             train_losses = [s.asscalar() / n for s in sums]

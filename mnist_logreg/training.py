@@ -96,6 +96,25 @@ def make_trainer(net: gluon.Block, lr: float, momentum: float = 0.0, wd: float =
     return gluon.Trainer(net.collect_params(), "sgd", params, kvstore=None)
 
 
+def run_epoch(loss_block: gluon.HybridBlock, update: Callable[[int], None], train: DeviceSplit, batch_size: int,
+              rng: np.random.Generator) -> tuple[nd.NDArray, float]:
+    """One epoch of mini-batches in the order rng.permutation(n): for each batch, the loss under
+    autograd, backward, update(batch_size). Returns the per-example losses, concatenated on the
+    device (nothing waits for them), and the time the epoch started."""
+    order = nd.array(rng.permutation(len(train)), ctx=train.x.context, dtype=np.int64)
+    xs, ys = nd.take(train.x, order), nd.take(train.y, order)
+    losses = []
+    t0 = time.perf_counter()
+    for start in range(0, len(train), batch_size):
+        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        with autograd.record():
+            loss = loss_block(xb, yb)
+        loss.backward()
+        update(batch_size)
+        losses.append(loss)
+    return nd.concat(*losses, dim=0), t0
+
+
 def fit(
     net: gluon.HybridBlock,
     trainer: gluon.Trainer,
@@ -126,19 +145,9 @@ def fit(
     rng = rng if rng is not None else np.random.default_rng(seed)
     history: list[EpochMetrics] = []
     for epoch in range(start_epoch, epochs + 1):
-        order = nd.array(rng.permutation(n), ctx=train.x.context, dtype=np.int64)
-        xs, ys = nd.take(train.x, order), nd.take(train.y, order)
-        losses = []
-        t0 = time.perf_counter()
-        for start in range(0, n, batch_size):
-            xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-            with autograd.record():
-                loss = step_block(xb, yb)
-            loss.backward()
-            trainer.step(batch_size)
-            losses.append(loss)
+        losses, t0 = run_epoch(step_block, trainer.step, train, batch_size, rng)
         # One sum over the epoch's per-example losses, in float64, and the epoch's only wait.
-        train_loss = nd.concat(*losses, dim=0).astype(np.float64).sum().asscalar() / n
+        train_loss = losses.astype(np.float64).sum().asscalar() / n
         epoch_seconds = time.perf_counter() - t0
         if stop_on_nonfinite and not math.isfinite(train_loss):
             raise NonFiniteLoss(f"epoch {epoch}: mean training loss is {train_loss}")
