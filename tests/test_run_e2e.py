@@ -106,7 +106,7 @@ def test_diverging_run_fails_with_its_metrics(tmp_path, mnist5k_root):
 
 
 def test_sigterm_ends_the_run_killed_and_resume_continues_it_bit_identical(tmp_path, mnist5k_root):
-    args = ["trainer.epochs=40", f"data.root={mnist5k_root}"]
+    args = ["trainer.epochs=20", f"data.root={mnist5k_root}"]
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     cut.mkdir(), whole.mkdir()
     out = signal_when(start_cli(args, cut), r"epoch +3/", signal.SIGTERM)
@@ -114,11 +114,11 @@ def test_sigterm_ends_the_run_killed_and_resume_continues_it_bit_identical(tmp_p
     client, (stopped,) = runs_of(cut)
     assert stopped.info.status == "KILLED"
     done = len(history(client, stopped.info.run_id, "train_loss"))
-    assert 3 <= done < 40 and [s for s, _ in history(client, stopped.info.run_id, "train_loss")][:3] == [1, 2, 3]
+    assert 3 <= done < 20 and [s for s, _ in history(client, stopped.info.run_id, "train_loss")][:3] == [1, 2, 3]
 
     resumed = train(compose_cfg(f"resume={stopped.info.run_id}", f"tracking.uri={store_uri(cut)}"))
     assert resumed["status"] == "FINISHED" and resumed["run_id"] == stopped.info.run_id
-    assert resumed["epochs"] == 40 - done  # it trained only what was left
+    assert resumed["epochs"] == 20 - done  # it trained only what was left
     client, runs = runs_of(cut)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, not a new one
     reference = train(compose_cfg(*args, f"tracking.uri={store_uri(whole)}"))

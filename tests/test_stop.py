@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_identical(tmp_path, mnist5k_root):
     # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 2) is stopped mid-run.
-    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=4", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
-    out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/4", signal.SIGINT)
+    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=3", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
+    out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/3", signal.SIGINT)
     assert "Traceback" not in out and "Stopped by SIGINT" in out
     client, jobs, parents = jobs_and_parents(tmp_path)
     status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
