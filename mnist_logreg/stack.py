@@ -150,19 +150,6 @@ class Stack:
             if self._moms is not None:
                 _set_momentum(m, self._mom_w[lo:hi], self._mom_b[lo:hi])
 
-    def load_member(self, index: int) -> None:
-        """The reverse of sync_members for one model (after its checkpoint was loaded into it)."""
-        m, rows = self.members[index], self.num_outputs
-        lo, hi = index * rows, (index + 1) * rows
-        self.weight.data()[lo:hi] = m.net.weight.data()
-        self.bias.data()[lo:hi] = m.net.bias.data()
-        if self._moms is not None:
-            states = m.trainer._updaters[0].states
-            for j, (mom, param) in enumerate(((self._mom_w, m.net.weight), (self._mom_b, m.net.bias))):
-                state = states.get(j)
-                if state is not None:
-                    mom[lo:hi] = state
-
     def fit(
         self,
         train: DeviceSplit,
@@ -219,7 +206,8 @@ def _set_momentum(member: Member, mom_w: nd.NDArray, mom_b: nd.NDArray) -> None:
     if trainer._params_to_init:
         trainer._init_params()
     updater = trainer._updaters[0]
-    for j, (param, value) in enumerate(((member.net.weight, mom_w), (member.net.bias, mom_b))):
+    for param, value in ((member.net.weight, mom_w), (member.net.bias, mom_b)):
+        j = trainer._param2idx[param.name]  # the index the Trainer's updater keys this parameter by
         if j not in updater.states:
             updater.states[j] = updater.optimizer.create_state_multi_precision(j, param.data())
             updater.states_synced[j] = True

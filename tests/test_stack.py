@@ -77,3 +77,31 @@ def test_a_diverging_member_fails_alone_and_the_others_are_unchanged(digit_split
     assert list(failures) == [1] and failures[1].startswith("epoch 1: mean training loss is")
     assert stack.members[1].history == [] and stack.members[1].failed == failures[1]
     assert_identical(specs, digit_splits)
+
+
+def test_a_stacked_members_checkpoint_resumes_alone_bit_identical(digit_splits, tmp_path):
+    """What resume=RUN_ID does with a stacked run: its checkpoint (weights, the Trainer's momentum,
+    the batch-order generator) is loaded into a lone net and Trainer, and fit continues."""
+    import numpy as np
+
+    from mnist_logreg import checkpoint
+
+    train, test = digit_splits
+    specs = [MemberSpec(1.0, 0.1, 0.9, 1e-3), MemberSpec(0.1, 0.05, 0.9)]
+    stack, saved = Stack(specs, 10, mx.cpu(), SEED), {}
+    rng = np.random.default_rng(SEED)
+
+    def keep(member, m):
+        saved[member.index] = checkpoint.save(tmp_path / str(member.index), m.epoch, member.net, member.trainer, rng)
+
+    stack.fit(train, test, epochs=1, batch_size=BATCH, seed=SEED, eval_chunk=700, rng=rng, on_epoch=keep)
+    for member, spec in zip(stack.members, specs):
+        net = build_net(10, spec.sigma, mx.cpu(), SEED)
+        trainer = make_trainer(net, spec.lr, spec.momentum, spec.wd)
+        done, restored = checkpoint.load(saved[member.index], net, trainer)
+        rest = fit(net, trainer, train, test, epochs=3, batch_size=BATCH, seed=SEED, eval_chunk=700,
+                   start_epoch=done + 1, rng=restored)
+        history, _, weights = alone(spec, digit_splits, 3)
+        got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in member.history + rest]
+        assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
+        assert params_hash(net) == weights, spec
