@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Split, load, locate
-from .fingerprint import cpu_model
-
-ROOT = Path(__file__).resolve().parent.parent
+from .ml.data import Split, load, locate
+from .project import PROJECT_ROOT
+from .tracking.fingerprint import cpu_model
 
 
 def tutorial_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
     """The tutorial's loop (mnist_logreg.reference). Returns (train_s, eval_s) lists."""
-    from .reference import tutorial_loop, tutorial_net
+    from .ml.reference import tutorial_loop, tutorial_net
 
     history = tutorial_loop(tutorial_net(1.0, seed), split_train, split_test, epochs=epochs,
                             batch_size=batch_size, lr=lr, seed=seed)
@@ -42,17 +41,17 @@ def tutorial_epoch(split_train: Split, split_test: Split, epochs: int, batch_siz
 
 
 def harness_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
-    """The harness's training path (mnist_logreg.training.fit). Returns (train_s, eval_s) lists."""
+    """The harness's training path (mnist_logreg.ml.training.fit of a Lone model). Returns (train_s, eval_s) lists."""
     import mxnet as mx
 
-    from .model import build_net
-    from .training import fit, make_trainer, to_device
+    from .ml.model import build_net
+    from .ml.training import Lone, fit, make_trainer, to_device
 
     ctx = mx.cpu()
     train_d, test_d = to_device(split_train, ctx), to_device(split_test, ctx)
     net = build_net(10, 1.0, ctx, seed)
-    history = fit(net, make_trainer(net, lr), train_d, test_d, epochs=epochs, batch_size=batch_size, seed=seed)
-    return [m.epoch_seconds for m in history], [m.eval_seconds for m in history]
+    [member] = fit(Lone(net, make_trainer(net, lr)), train_d, test_d, epochs=epochs, batch_size=batch_size, seed=seed)
+    return [m.epoch_seconds for m in member.history], [m.eval_seconds for m in member.history]
 
 
 def numpy_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):
@@ -108,9 +107,9 @@ def stacked_epochs(args, train: Split, test: Split) -> dict:
     """(b): training seconds per model-epoch, a lone fit against each model of a 9-model stack."""
     import mxnet as mx
 
-    from .model import build_net
-    from .stack import MemberSpec, Stack
-    from .training import fit, make_trainer, to_device
+    from .ml.model import build_net
+    from .ml.stack import MemberSpec, Stack
+    from .ml.training import Lone, fit, make_trainer, to_device
 
     ctx = mx.cpu()
     train_d, test_d = to_device(train, ctx), to_device(test, ctx)
@@ -118,11 +117,11 @@ def stacked_epochs(args, train: Split, test: Split) -> dict:
     lone_train, lone_eval, stack_train, stack_eval = [], [], [], []
     for r in range(args.repeats):
         net = build_net(10, 1.0, ctx, r)
-        history = fit(net, make_trainer(net, 0.1), train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
-        lone_train += [m.epoch_seconds for m in history]
-        lone_eval += [m.eval_seconds for m in history]
+        [lone] = fit(Lone(net, make_trainer(net, 0.1)), train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
+        lone_train += [m.epoch_seconds for m in lone.history]
+        lone_eval += [m.eval_seconds for m in lone.history]
         stack = Stack(specs, 10, ctx, r)
-        stack.fit(train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
+        fit(stack, train_d, test_d, epochs=args.epochs, batch_size=64, seed=r)
         stack_train += [m.epoch_seconds / len(specs) for m in stack.members[0].history]
         stack_eval += [m.eval_seconds / len(specs) for m in stack.members[0].history]
     out = {"models": len(specs),
@@ -149,8 +148,10 @@ def sweep(args, overrides: list[str]) -> dict:
     process, and the jobs' own phase timings."""
     from mlflow.tracking import MlflowClient
 
+    from .tracking.queries import job_runs
+
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "run.py"), "-m", *overrides, f"trainer.epochs={args.sweep_epochs}",
+        cmd = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *overrides, f"trainer.epochs={args.sweep_epochs}",
                f"data={args.dataset}", *([f"data.root={args.data_root}"] if args.data_root else [])]
         err_path = Path(tmp) / "stderr.txt"
         with open(err_path, "w") as err:
@@ -163,7 +164,7 @@ def sweep(args, overrides: list[str]) -> dict:
         peak_mb = usage.ru_maxrss / 1024
         client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         exp = client.get_experiment_by_name("mnist_logreg")
-        runs = client.search_runs([exp.experiment_id], "tags.`mnist_logreg.role` = 'job'", max_results=1000)
+        runs = job_runs(client, [exp.experiment_id])
     phases: dict[str, float] = {}
     fixed = []
     for run in runs:
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    grid: {report['grid_stacked']['wall_s']:.2f}s (target 35 s or less), peak RSS "
                   f"{report['grid_stacked']['peak_rss_mb']:.0f} MB (target 1,500 MB or less)")
 
-    path = args.json or ROOT / "outputs" / "bench" / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path = args.json or PROJECT_ROOT / "outputs" / "bench" / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"\nfigures written to {path}")

@@ -1,4 +1,4 @@
-"""Checking a composed config before anything trains, and flattening it for MLflow params."""
+"""A composed config: its checks before anything trains, its flat form for MLflow params, its secrets hidden."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .errors import ConfigError
 
 CONTEXTS = ("cpu", "gpu")
+# The keys that say where things are, not what is computed: left out of the config hash (so a run
+# moved to another store, cache folder or mirror still matches its original) and of reproduce's diff.
+LOCATION_KEYS = ("tracking", "data.root", "data.cache", "data.search", "data.mirrors", "data.md5",
+                 "data.download_timeout", "force", "resume")
 
 
 def _is_int(v: Any) -> bool:
@@ -103,28 +107,3 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = redact(str(value))
     return out
-
-
-def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
-    """Check the base config and every value a multirun will sweep, before the first job starts.
-
-    Swept values come from the command line (`optim.lr=0.1,-1`) and from `hydra.sweeper.params`
-    (the experiment presets); interval sweeps are left to each job's own check.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    validate(config)
-    lines = list(OmegaConf.select(config, "hydra.overrides.task") or [])
-    params = OmegaConf.select(config, "hydra.sweeper.params")
-    if params:
-        lines += [f"{k}={v}" for k, v in params.items()]
-    swept: dict[str, list[Any]] = {}
-    for override in OverridesParser.create().parse_overrides(lines):
-        key = override.key_or_group
-        if override.is_interval_sweep():
-            continue
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        swept[key] = values
-        for value in values:
-            check_value(key, value)
-    return swept

@@ -45,16 +45,21 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
+def exit_bad_input(exc: BaseException) -> None:
+    """Bad input: print one line and exit 2 (HYDRA_FULL_ERROR=1 re-raises it with its traceback)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    print(f"Error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(2)
+
+
 @contextlib.contextmanager
 def exit_on_error() -> Iterator[None]:
     """Turn an exception into an exit: bad input prints one line and exits 2, anything else a traceback and 1."""
     try:
         yield
     except HarnessError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
     except Exception:
         traceback.print_exc()
         sys.exit(1)
@@ -108,10 +113,7 @@ def install_hydra_error_handler() -> None:
             try:
                 return func()
             except (HarnessError, CompactHydraException, OverrideParseException) as exc:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                print(f"Error: {one_line(exc)}", file=sys.stderr)
-                sys.exit(2)
+                exit_bad_input(exc)
 
         return original(guarded)
 

@@ -18,16 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .services import MlflowServer, postgres
-
-ROOT = Path(__file__).resolve().parent.parent
+from .project import PROJECT_ROOT
+from .services.tracking import MlflowServer, postgres
+from .tracking.queries import job_runs
 
 
 def _count_jobs(client, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], "tags.`mnist_logreg.role` = 'job'", max_results=5000)
+    return [] if exp is None else job_runs(client, [exp.experiment_id])
 
 
 def soak(jobs: int, workers: int, epochs: int, data: list[str], downtime: float) -> dict:
@@ -48,7 +46,7 @@ def soak_against(server: MlflowServer, jobs: int, workers: int, epochs: int, dat
 
     seeds = ",".join(str(s) for s in range(jobs))
     client = MlflowClient(server.url)
-    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib",
+    cmd = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", "hydra/launcher=joblib",
            f"hydra.launcher.n_jobs={workers}", "tracking=server", f"tracking.uri={server.url}",
            f"tracking.experiment={experiment}", f"seed={seeds}", f"trainer.epochs={epochs}", *data]
     started = time.time()

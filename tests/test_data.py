@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_logreg.data import SPLIT_FILES, download, locate
+from mnist_logreg.ml.data import SPLIT_FILES, download, locate
 from mnist_logreg.errors import DataError
-from mnist_logreg.idx import write_idx
+from mnist_logreg.ml.idx import write_idx
 
 NAMES = [f"{stem}.gz" for stem in SPLIT_FILES.values()]
 

@@ -5,9 +5,9 @@ import gzip
 import numpy as np
 import pytest
 
-from mnist_logreg.data import DatasetFiles, SPLIT_FILES, load
+from mnist_logreg.ml.data import DatasetFiles, SPLIT_FILES, load
 from mnist_logreg.errors import DataError
-from mnist_logreg.idx import read_idx, write_idx
+from mnist_logreg.ml.idx import read_idx, write_idx
 
 
 @pytest.mark.parametrize("name", ["x-idx3-ubyte", "x-idx3-ubyte.gz"])

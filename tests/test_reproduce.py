@@ -9,11 +9,11 @@ import mxnet as mx
 import pytest
 
 from mnist_logreg import reproduce
-from mnist_logreg.data import locate
-from mnist_logreg.fingerprint import config_hash, lock_hash
-from mnist_logreg.idx import read_idx, write_idx
+from mnist_logreg.ml.data import locate
+from mnist_logreg.tracking.fingerprint import config_hash, lock_hash
+from mnist_logreg.ml.idx import read_idx, write_idx
 from mnist_logreg.job import train
-from mnist_logreg.tracking import git_state
+from mnist_logreg.tracking.tags import git_state
 from conftest import ROOT, compose_cfg, numbers_of, run_cli, runs_of, store_uri
 
 pytestmark = pytest.mark.slow

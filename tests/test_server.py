@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_logreg.services import MlflowServer, free_port, postgres, postgres_bin
+from mnist_logreg.services.tracking import MlflowServer, free_port, postgres, postgres_bin
 from mnist_logreg.soak import soak_against
 from conftest import artifact_paths, history, run_cli, start_cli
 

@@ -1,14 +1,14 @@
-"""Stacked training gives every model exactly the bits that `fit` gives it alone."""
+"""Stacked training gives every model exactly the bits that `fit` gives it alone, through gluon.Trainer."""
 
 import itertools
 
 import mxnet as mx
 import pytest
 
-from mnist_logreg.fingerprint import params_hash
-from mnist_logreg.model import build_net
-from mnist_logreg.stack import MemberSpec, Stack
-from mnist_logreg.training import NonFiniteLoss, fit, make_trainer
+from mnist_logreg.ml.model import params_hash
+from mnist_logreg.ml.model import build_net
+from mnist_logreg.ml.stack import MemberSpec, Stack
+from mnist_logreg.ml.training import Lone, fit, make_trainer
 
 SEED = 7
 # 4,000 training digits: 96 does not divide them, so every epoch ends on a short batch of 64.
@@ -16,23 +16,22 @@ BATCH = 96
 
 
 def alone(spec, splits, epochs, batch_size=BATCH):
-    """The reference: one model through training.fit, as a lone job trains it."""
+    """The reference: one model through fit with gluon.Trainer (Lone), as a lone job trains it."""
     train, test = splits
     net = build_net(10, spec.sigma, mx.cpu(), SEED)
     trainer = make_trainer(net, spec.lr, spec.momentum, spec.wd)
-    try:
-        history = fit(net, trainer, train, test, epochs=epochs, batch_size=batch_size, seed=SEED, eval_chunk=700)
-    except NonFiniteLoss as exc:
-        return None, str(exc), None
-    return history, None, params_hash(net)
+    [member] = fit(Lone(net, trainer), train, test, epochs=epochs, batch_size=batch_size, seed=SEED, eval_chunk=700)
+    if member.failed is not None:
+        return None, member.failed, None
+    return member.history, None, params_hash(net)
 
 
 def stacked(specs, splits, epochs, batch_size=BATCH):
     train, test = splits
     stack = Stack(specs, 10, mx.cpu(), SEED)
     failures = {}
-    stack.fit(train, test, epochs=epochs, batch_size=batch_size, seed=SEED, eval_chunk=700,
-              on_nonfinite=lambda m, why: failures.setdefault(m.index, why))
+    fit(stack, train, test, epochs=epochs, batch_size=batch_size, seed=SEED, eval_chunk=700,
+        on_nonfinite=lambda m, why: failures.setdefault(m.index, why))
     return stack, failures
 
 
@@ -84,7 +83,7 @@ def test_a_stacked_members_checkpoint_resumes_alone_bit_identical(digit_splits, 
     the batch-order generator) is loaded into a lone net and Trainer, and fit continues."""
     import numpy as np
 
-    from mnist_logreg import checkpoint
+    from mnist_logreg.ml import checkpoint
 
     train, test = digit_splits
     specs = [MemberSpec(1.0, 0.1, 0.9, 1e-3), MemberSpec(0.1, 0.05, 0.9)]
@@ -94,13 +93,14 @@ def test_a_stacked_members_checkpoint_resumes_alone_bit_identical(digit_splits, 
     def keep(member, m):
         saved[member.index] = checkpoint.save(tmp_path / str(member.index), m.epoch, member.net, member.trainer, rng)
 
-    stack.fit(train, test, epochs=1, batch_size=BATCH, seed=SEED, eval_chunk=700, rng=rng, on_epoch=keep)
+    fit(stack, train, test, epochs=1, batch_size=BATCH, seed=SEED, eval_chunk=700, rng=rng, on_epoch=keep)
     for member, spec in zip(stack.members, specs):
         net = build_net(10, spec.sigma, mx.cpu(), SEED)
         trainer = make_trainer(net, spec.lr, spec.momentum, spec.wd)
         done, restored = checkpoint.load(saved[member.index], net, trainer)
-        rest = fit(net, trainer, train, test, epochs=3, batch_size=BATCH, seed=SEED, eval_chunk=700,
-                   start_epoch=done + 1, rng=restored)
+        [alone_member] = fit(Lone(net, trainer), train, test, epochs=3, batch_size=BATCH, seed=SEED,
+                             eval_chunk=700, start_epoch=done + 1, rng=restored)
+        rest = alone_member.history
         history, _, weights = alone(spec, digit_splits, 3)
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in member.history + rest]
         assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec

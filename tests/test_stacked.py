@@ -10,7 +10,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from mnist_logreg.data import load, locate
+from mnist_logreg.ml.data import load, locate
 from mnist_logreg.errors import ConfigError
 
 from mnist_logreg import reproduce
@@ -198,7 +198,7 @@ def test_mlflow_models_serve_scores_real_images(card, mnist5k_root, tmp_path):
     import time
     import urllib.request
 
-    from mnist_logreg.services import free_port
+    from mnist_logreg.services.tracking import free_port
 
     client, runs, _ = by_config(card["basic"])
     model = _logged_model(client, runs["0.5"])
@@ -277,8 +277,8 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(card, browser, tmp_path
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from mnist_logreg.links import experiment_url, run_url
-    from mnist_logreg.services import MlflowServer
+    from mnist_logreg.tracking.links import experiment_url, run_url
+    from mnist_logreg.services.tracking import MlflowServer
 
     client, runs, parents = by_config(card["basic"])
     parent, child = parents[0], runs["0.5"]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mnist_logreg.job import train
-from mnist_logreg.stopping import _alive, descendants
+from mnist_logreg.sweep.stopping import _alive, descendants
 from conftest import (artifact_paths, compose_cfg, history, jobs_and_parents, numbers_of, run_cli, signal_when,
                       start_cli, store_uri)
 

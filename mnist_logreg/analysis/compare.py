@@ -1,0 +1,132 @@
+"""A sweep's runs side by side: a table sorted by final test accuracy, learning curves, a heatmap of
+two swept axes and the spread over seeds, written to a folder and logged on the sweep's parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import HarnessError
+from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
+from ..tracking.store import existing_store_client
+from ..tracking.tags import TAG_REUSED, TAG_SWEEP
+from .plots import plot_curves, plot_heatmap, plot_seeds
+
+HIDDEN_PARAMS = {"tracking.uri"}
+# The table's columns besides the swept axes.
+RESULT_COLUMNS = ("run_id", "test_acc", "best_test_acc", "train_loss", "epochs", "wall_s", "status")
+
+
+def latest_sweep(client, experiment_id: str) -> str:
+    """The sweep tag of the experiment's most recently started sweep."""
+    parents = sweep_parents(client, experiment_id)
+    if not parents:
+        raise HarnessError("the experiment has no sweep yet: run `python run.py -m ...` first, or pass --sweep")
+    return parents[0].data.tags[TAG_SWEEP]
+
+
+def sweep_runs(uri: str, experiment_id: str, sweep: str, reused: list[str] = ()) -> pd.DataFrame:
+    """The sweep's job runs as mlflow.search_runs returns them, one row per run, plus the runs
+    that skipped jobs of the sweep reused (finished earlier with the same fingerprint)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=runs_filter(sweep=sweep),
+                               max_results=MAX_RESULTS, output_format="pandas")
+    extra = [mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"attributes.run_id = '{rid}'",
+                                output_format="pandas") for rid in reused if rid not in set(found.get("run_id", []))]
+    frames = [f for f in (found, *extra) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else found
+
+
+def swept_axes(runs: pd.DataFrame) -> list[str]:
+    """The params that take more than one value across the runs (the sweep's axes)."""
+    axes = []
+    for col in runs.columns:
+        if col.startswith("params.") and col[len("params."):] not in HIDDEN_PARAMS:
+            if runs[col].nunique(dropna=False) > 1:
+                axes.append(col[len("params."):])
+    return axes
+
+
+def _number(value):
+    try:
+        return float(value) if "." in str(value) or "e" in str(value) else int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def histories(client, run_ids, key: str = "test_acc") -> dict[str, list[tuple[int, float]]]:
+    """Each run's metric history as (step, value) pairs in step order."""
+    return {rid: sorted((m.step, m.value) for m in client.get_metric_history(rid, key)) for rid in run_ids}
+
+
+def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
+    """A row per run: swept values, final and best test_acc, final train_loss, epochs, wall time, status."""
+    axes = swept_axes(runs)
+    table = pd.DataFrame({"run_id": runs["run_id"]})
+    for axis in axes:
+        table[axis] = runs[f"params.{axis}"].map(_number)
+    table["test_acc"] = runs.get("metrics.test_acc")
+    table["best_test_acc"] = [max((v for s, v in curves.get(r, []) if s > 0), default=float("nan"))
+                              for r in runs["run_id"]]
+    table["train_loss"] = runs.get("metrics.train_loss")
+    table["epochs"] = [max((s for s, _ in curves.get(r, [])), default=0) for r in runs["run_id"]]
+    table["wall_s"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds().round(2)
+    table["status"] = runs["status"]
+    return table.sort_values("test_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def table_axes(table: pd.DataFrame) -> list[str]:
+    """The swept axes among a comparison table's columns."""
+    return [c for c in table.columns if c not in RESULT_COLUMNS]
+
+
+def seed_spread(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean and standard deviation of the final test_acc over seeds, per config; None without a seeds axis."""
+    if "seed" not in table.columns:
+        return None
+    others = [c for c in table_axes(table) if c != "seed"]
+    grouped = table.groupby(others, dropna=False) if others else table.assign(_all="all").groupby("_all")
+    spread = grouped["test_acc"].agg(["mean", "std", "count"]).reset_index()
+    return spread.sort_values("mean", ascending=False).reset_index(drop=True)
+
+
+def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, log_to_parent: bool = True
+            ) -> tuple[pd.DataFrame, Path]:
+    """Build the comparison of one sweep: table (printed by the caller), CSV and PNGs in output."""
+    client = existing_store_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise HarnessError(f"experiment {experiment!r} does not exist in {uri}: check --experiment/--tracking-uri")
+    sweep = sweep or latest_sweep(client, exp.experiment_id)
+    parents = sweep_parents(client, exp.experiment_id, sweep)
+    reused = [k.split(".", 1)[1] for p in parents for k in p.data.tags if k.startswith(f"{TAG_REUSED}.")]
+    runs = sweep_runs(uri, exp.experiment_id, sweep, reused)
+    if runs.empty:
+        raise HarnessError(f"sweep {sweep!r} has no runs in experiment {experiment!r}: check --sweep")
+    curves = histories(client, runs["run_id"])
+    table = comparison_table(runs, curves)
+    output = Path(output or Path("outputs") / "compare" / sweep)
+    output.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output / "comparison.csv", index=False)
+    plot_curves(table, curves, output / "learning_curves.png", table_axes(table))
+    order = ["optim.lr", "model.sigma", "data.batch_size"]
+    axes = sorted((a for a in swept_axes(runs) if a != "seed"),
+                  key=lambda a: order.index(a) if a in order else len(order))
+    if len(axes) >= 2:  # more axes: the first two, averaged over the others
+        plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", averaged=axes[2:])
+    spread = seed_spread(table)
+    if spread is not None:
+        spread.to_csv(output / "seeds.csv", index=False)
+        plot_seeds(spread, output / "seeds.png")
+    if log_to_parent:
+        for parent in parents:
+            client.log_artifacts(parent.info.run_id, str(output), "compare")
+    return table, output
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.assign(run_id=table["run_id"].str[:8])
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,153 @@
+"""One job's run: opened (or reopened on resume), recorded epoch by epoch, finished, and always ended.
+
+    open_run(job)       create the MLflow run (or reopen the resumed one)   -> Recorder
+    Recorder.begin      params, config.yaml and the untrained accuracies (step 0)
+    Recorder.epoch      one epoch's metrics and checkpoint, never split by a signal
+    Recorder.finish     weights hash and artifacts: the run is complete
+    Recorder.running()  ends the run FINISHED, FAILED or KILLED, uploading the checkpoint if unfinished
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from ..config import flatten, redact
+from ..ml import checkpoint
+from ..tracking.datasets import dataset_inputs
+from ..tracking.links import run_url
+from ..tracking.runlog import RunLog
+from ..tracking.tags import TAG_FAILURE, TAG_ROLE, command_line, environment_tags
+from .parent import mark_interrupted
+from .prepare import SERVER_PATIENCE_S, Job
+from .signals import JobSignals
+
+
+def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = None) -> "Recorder":
+    """Create the job's MLflow run (status RUNNING), or reopen the run it resumes."""
+    with job.clock("store"):
+        if job.resumed is not None:
+            job.client.update_run(job.resumed.run.info.run_id, status="RUNNING")
+            run = RunLog(job.client, job.resumed.run.info.run_id)
+            run.set_tags({"resumed.command": command_line(), **dict(extra_tags or {})})
+            run.find_model(job.experiment_id)
+        else:
+            tags = {
+                TAG_ROLE: "job",
+                "context": str(job.ctx),
+                "data.root": str(job.files.root),
+                "hydra.overrides": redact(" ".join(job.overrides)),
+                "command": command_line(),
+                **{f"data.sha256.{name}": h for name, h in job.files.sha256().items()},
+                **environment_tags(),
+                **job.fingerprint,
+                **job.sweep_tags,
+                **dict(extra_tags or {}),
+            }
+            run = RunLog.create(job.client, job.experiment_id,
+                                redact(",".join(job.overrides)) or "defaults", tags)
+            run.log_inputs(dataset_inputs(job.cfg.data.name, job.files,
+                                          {"train": job.train_split, "test": job.test_split}))
+            run.create_model(job.experiment_id)
+    return Recorder(job, run, signals)
+
+
+
+class Recorder:
+    """Everything one run writes while it trains and when it ends."""
+
+    def __init__(self, job: Job, run: RunLog, signals: JobSignals) -> None:
+        self.job, self.run, self.signals = job, run, signals
+        self.log = job.log
+        cfg = job.cfg
+        remote = str(cfg.tracking.uri).startswith(("http://", "https://"))
+        self.work_dir = job.out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
+        if remote:  # metrics wait here while the server is unreachable, and are sent when it is back
+            run.spool = run.spool_file(self.work_dir)
+        self.patience = SERVER_PATIENCE_S if remote else 0.0
+        self.ckpt_dir = self.work_dir / "checkpoint"
+        self.status = "FAILED"
+        self.result: dict[str, Any] = {"run_id": run.run_id}
+        self.log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Recorder"]:
+        """End the run however the body ends: FINISHED after finish(), KILLED on Ctrl-C or SIGTERM,
+        FAILED otherwise; an unfinished run uploads its last checkpoint for resume=RUN_ID."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            mark_interrupted()
+            raise
+        finally:
+            self.close()
+
+    def begin(self, train_acc: float, test_acc: float) -> None:
+        """Params, the resolved config and the untrained accuracies (step 0); none on resume."""
+        if self.job.resumed is not None:
+            return
+        cfg = self.job.cfg
+        with self.job.clock("logging"), self.signals.deferred():
+            self.run.log_params(flatten(cfg))
+            # The resolved config, from the start: reproduce and resume rebuild the run from it.
+            self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+            self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
+        self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
+
+    def epoch(self, m, net, trainer, rng: np.random.Generator) -> None:
+        """One epoch's metrics and checkpoint, written together, never split by a signal."""
+        with self.job.clock("logging"), self.signals.deferred():
+            self.run.log_metrics(m.epoch, m.as_metrics())
+            checkpoint.save(self.ckpt_dir, m.epoch, net, trainer, rng)
+        self.job.clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
+        epochs = self.job.cfg.trainer.epochs
+        self.log.info(
+            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  %.2fs train + %.2fs eval  (%.0f ex/s)",
+            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc,
+            m.epoch_seconds, m.eval_seconds, m.examples_per_second,
+        )
+
+    def nonfinite(self, reason: str) -> dict[str, Any]:
+        """The loss diverged: the run ends FAILED with a `failure` tag; a sweep goes on."""
+        with self.signals.deferred():
+            self.run.set_tags({TAG_FAILURE: f"non-finite loss: {reason}"})
+        self.log.error("run %s stopped: %s (lower optim.lr or model.sigma)", self.run.run_id, reason)
+        self.result.update(status="FAILED", failure=reason)
+        return self.result
+
+    def finish(self, net, test, history) -> dict[str, Any]:
+        """Weights hash and artifacts; the run then ends FINISHED."""
+        from ..ml.model import params_hash
+        from .artifacts import log_artifacts
+
+        with self.job.clock("artifacts"), self.signals.deferred():
+            self.run.drain(self.patience)
+            self.run.set_tags({"params.sha256": params_hash(net)})
+            log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir)
+        self.status = "FINISHED"
+        self.result.update(history[-1].as_metrics(), status=self.status, epochs=len(history))
+        return self.result
+
+    def close(self) -> None:
+        """Timing tags, the checkpoint of an unfinished run, and the run's end."""
+        try:
+            self.run.set_tags(self.job.clock.tags())
+            latest = checkpoint.latest(self.ckpt_dir)
+            if self.status != "FINISHED" and latest is not None:
+                self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+            if self.status != "FINISHED" and self.run.model_id is not None:
+                self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
+        finally:
+            self.run.end(self.status, self.patience)
+            if self.job.out_dir is None:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.result.setdefault("status", self.status)
+        self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
+                      run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))

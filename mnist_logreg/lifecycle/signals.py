@@ -1,0 +1,54 @@
+"""Ctrl-C and SIGTERM inside a job: its runs end KILLED, and never in the middle of an MLflow write."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+
+class JobSignals:
+    """Ctrl-C (SIGINT) and SIGTERM stop training as KeyboardInterrupt, so runs end KILLED, but
+    never in the middle of an MLflow write: one cut short can leave a SQLite store locked, so a
+    signal that arrives inside `deferred()` takes effect when the write is done."""
+
+    def __init__(self) -> None:
+        self._pending: int | None = None
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["JobSignals"]:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.restore()  # a second Ctrl-C from here on stops at once
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._depth:
+            self._pending = signum
+        else:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending is not None:
+                signum, self._pending = self._pending, None
+                raise KeyboardInterrupt(f"signal {signum}")

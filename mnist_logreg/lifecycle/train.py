@@ -1,0 +1,115 @@
+"""The one lifecycle of a job, alone or in a stack: open its run, train, record every epoch, finish, end.
+
+    train_jobs([job])            one model through gluon.Trainer (run.py, reproduce, resume, per-job launchers)
+    train_jobs(jobs, group)      jobs that share a stack_key as one Stack (the stacked launcher)
+
+Either way each job gets its own MLflow run with the same records; only the models `fit` trains differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from .prepare import Job, seed_everything
+from .recorder import Recorder, open_run
+from .signals import JobSignals
+
+
+def stack_key(job: Job) -> tuple:
+    """Jobs with equal keys see the same batch stream and can train as one stack: same data files,
+    batch size, seed, epochs, context, scoring and divergence rule, model width and momentum (one
+    value per update kernel call). lr, sigma and wd vary freely inside a stack."""
+    cfg = job.cfg
+    return (job.files.digest(), cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, str(job.ctx),
+            cfg.trainer.eval_batch_size, cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs,
+            cfg.optim.momentum)
+
+
+def objective(result: dict[str, Any]) -> float:
+    """What a job returns to Hydra (the optuna sweeper's objective): the final test accuracy."""
+    return result.get("test_acc", float("nan"))
+
+
+def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None
+               ) -> list[dict[str, Any] | Exception]:
+    """Train prepared, not-skipped jobs: one alone (group None), or several that share a stack_key as
+    one stack tagged with `group`. Returns each job's result, or the exception that ended its run
+    (a lone job raises it instead). Ctrl-C or SIGTERM ends every run KILLED and is re-raised."""
+    if group is None and len(jobs) != 1:
+        raise ValueError("train_jobs trains one job alone, or a named group as a stack")
+    if group is not None and len({stack_key(j) for j in jobs}) != 1:
+        raise ValueError("a stack needs jobs with one stack_key")
+    results: list[dict[str, Any] | Exception | None] = [None] * len(jobs)
+    signals = JobSignals()
+    tags = dict(extra_tags or {})
+    if group is not None:
+        tags.update({"stack.group": group, "stack.size": str(len(jobs))})
+    with contextlib.ExitStack() as ends:
+        recorders: list[Recorder] = []
+        for i, job in enumerate(jobs):
+            recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})})
+            ends.enter_context(recorder.running())
+            recorders.append(recorder)
+        ends.enter_context(signals.installed())
+        _fit_and_finish(jobs, group, recorders, results)
+    if group is None and isinstance(results[0], Exception):
+        raise results[0]
+    return results  # type: ignore[return-value]
+
+
+def _fit_and_finish(jobs: Sequence[Job], group: str | None, recorders: list[Recorder], results: list) -> None:
+    from ..ml.training import fit, to_device
+
+    first, cfg = jobs[0], jobs[0].cfg
+    with first.clock("setup"):
+        seed_everything(cfg.seed)
+        train_d, test_d = to_device(first.train_split, first.ctx), to_device(first.test_split, first.ctx)
+        models, untrained, start_epoch, rng = _models(jobs, group, recorders[0], train_d, test_d)
+    if untrained is not None:
+        for recorder, accs in zip(recorders, untrained):
+            recorder.begin(*accs)
+
+    def on_nonfinite(member, reason: str) -> None:
+        results[member.index] = recorders[member.index].nonfinite(reason)
+
+    fit(models, train_d, test_d, epochs=cfg.trainer.epochs, batch_size=cfg.data.batch_size, seed=cfg.seed,
+        eval_chunk=cfg.trainer.eval_batch_size, stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+        start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite,
+        on_epoch=lambda member, m: recorders[member.index].epoch(m, member.net, member.trainer, rng))
+    for member, recorder in zip(models.members, recorders):
+        if member.failed is None:
+            try:
+                results[member.index] = recorder.finish(member.net, test_d, member.history)
+            except Exception as exc:  # this run ends FAILED; the others of its stack still finish
+                if group is not None:
+                    recorder.log.error("run %s: %s", recorder.run.run_id, exc)
+                results[member.index] = exc
+
+
+def _models(jobs: Sequence[Job], group: str | None, recorder: Recorder, train_d, test_d):
+    """What fit trains, the untrained accuracies (None on resume), the first epoch and the batch-order
+    generator: a Lone model (restored from its checkpoint on resume), or a Stack."""
+    from ..ml import checkpoint
+    from ..ml.model import build_net
+    from ..ml.stack import MemberSpec, Stack
+    from ..ml.training import Lone, evaluate, make_trainer
+
+    cfg, job = jobs[0].cfg, jobs[0]
+    rng, start_epoch = np.random.default_rng(cfg.seed), 1
+    if group is not None:
+        specs = [MemberSpec(j.cfg.model.sigma, j.cfg.optim.lr, j.cfg.optim.momentum, j.cfg.optim.wd) for j in jobs]
+        stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed)
+        return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size), start_epoch, rng
+    net = build_net(cfg.model.num_outputs, cfg.model.sigma, job.ctx, cfg.seed)
+    trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
+    untrained = None
+    if job.resumed is not None:
+        done_epochs, rng = checkpoint.load(job.resumed.checkpoint, net, trainer)
+        start_epoch = done_epochs + 1
+        job.log.info("resuming run %s after epoch %d", recorder.run.run_id, done_epochs)
+    else:  # scored before Lone hybridizes the net, as every logged run's step 0 was
+        untrained = [evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)]
+    return Lone(net, trainer), untrained, start_epoch, rng

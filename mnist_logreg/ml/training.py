@@ -1,0 +1,219 @@
+"""The one training loop, `fit`, for one model (`Lone`) or many on one batch stream (`stack.Stack`).
+
+The tutorial's maths on preloaded device arrays, with one device sync per phase. Each model of the
+loop is a `Member`: its own Dense and gluon.Trainer, its history and, once its loss diverged, why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+
+from .data import Split
+from .model import NetWithLoss
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """A split held on the training context: x (N, 784) float32, y (N,) float32."""
+
+    x: nd.NDArray
+    y: nd.NDArray
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch logs at step `epoch`."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    epoch_seconds: float
+    eval_seconds: float
+    examples_per_second: float
+
+    def as_metrics(self) -> dict[str, float]:
+        """The loggable values (all but the step)."""
+        d = asdict(self)
+        d.pop("epoch")
+        return d
+
+
+# (id of the host split, context) -> (the host split, its device copy). Holding the split keeps
+# its id from being reused by another object while the entry lives.
+_DEVICE_CACHE: dict[tuple[int, str], tuple[Split, DeviceSplit]] = {}
+
+
+def to_device(split: Split, ctx: mx.Context) -> DeviceSplit:
+    """Copy a split onto ctx once per process (the jobs of a sweep share it)."""
+    key = (id(split), str(ctx))
+    if key not in _DEVICE_CACHE:
+        if len(_DEVICE_CACHE) >= 4:  # an old dataset or context: let it go
+            _DEVICE_CACHE.clear()
+        # Scaled on the device: float32(v) / 255 there is bit-identical to numpy's for all 256 bytes
+        # (tests/test_training.py checks), and the host keeps only the uint8 pixels.
+        device = DeviceSplit(
+            nd.array(split.images, ctx=ctx, dtype=np.uint8).astype(np.float32) / 255,
+            nd.array(split.labels, ctx=ctx, dtype=np.uint8).astype(np.float32),
+        )
+        _DEVICE_CACHE[key] = (split, device)
+    return _DEVICE_CACHE[key][1]
+
+
+def accuracy_count(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> nd.NDArray:
+    """Number of correctly classified examples, as a 1-element NDArray (no device sync)."""
+    correct = nd.zeros((1,), ctx=split.x.context)
+    for start in range(0, len(split), chunk):
+        out = net(split.x[start : start + chunk])
+        correct += (nd.argmax(out, axis=1) == split.y[start : start + chunk]).sum()
+    return correct
+
+
+def evaluate(net: gluon.HybridBlock, train: DeviceSplit, test: DeviceSplit, chunk: int) -> tuple[float, float]:
+    """Accuracy on the train and the test split, with a single device sync."""
+    counts = nd.concat(accuracy_count(net, train, chunk), accuracy_count(net, test, chunk), dim=0)
+    c_train, c_test = counts.asnumpy().tolist()
+    return c_train / len(train), c_test / len(test)
+
+
+def make_trainer(net: gluon.Block, lr: float, momentum: float = 0.0, wd: float = 0.0) -> gluon.Trainer:
+    """gluon.Trainer with SGD, as in the tutorial (momentum and weight decay default to off)."""
+    params = {"learning_rate": lr}
+    if momentum:
+        params["momentum"] = momentum
+    if wd:
+        params["wd"] = wd
+    return gluon.Trainer(net.collect_params(), "sgd", params, kvstore=None)
+
+
+def run_epoch(loss_block: gluon.HybridBlock, update: Callable[[int], None], train: DeviceSplit, batch_size: int,
+              rng: np.random.Generator) -> tuple[nd.NDArray, float]:
+    """One epoch of mini-batches in the order rng.permutation(n): for each batch, the loss under
+    autograd, backward, update(batch_size). Returns the per-example losses, concatenated on the
+    device (nothing waits for them), and the time the epoch started."""
+    order = nd.array(rng.permutation(len(train)), ctx=train.x.context, dtype=np.int64)
+    xs, ys = nd.take(train.x, order), nd.take(train.y, order)
+    losses = []
+    t0 = time.perf_counter()
+    for start in range(0, len(train), batch_size):
+        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        with autograd.record():
+            loss = loss_block(xb, yb)
+        loss.backward()
+        update(batch_size)
+        losses.append(loss)
+    return nd.concat(*losses, dim=0), t0
+
+
+@dataclass
+class Member:
+    """One model of a loop: a Dense and its gluon.Trainer, so checkpoints, scoring and export see an
+    ordinary Gluon model; `failed` says why it stopped (its loss went NaN or infinite)."""
+
+    index: int
+    net: gluon.nn.Dense
+    trainer: gluon.Trainer
+    failed: str | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+class Models(Protocol):
+    """What `fit` trains: members on one batch stream, one loss block and one update for all of them."""
+
+    members: Sequence[Member]
+    block: gluon.HybridBlock  # (x, y) -> per-example losses: (B,) for one model, (B, K) for K
+
+    def step(self, batch_size: int) -> None: ...
+
+    def mean_losses(self, losses: nd.NDArray) -> list[float]: ...
+
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]: ...
+
+    def sync_members(self) -> None: ...
+
+
+class Lone:
+    """One model through gluon.Trainer, as the tutorial trains it."""
+
+    def __init__(self, net: gluon.HybridBlock, trainer: gluon.Trainer) -> None:
+        self.members = [Member(0, net, trainer)]
+        self.block = NetWithLoss(net)
+        self.block.hybridize(static_alloc=True)
+        self.step = trainer.step
+
+    def mean_losses(self, losses: nd.NDArray) -> list[float]:
+        """The epoch's mean loss: one sum over the per-example losses, in float64, and the epoch's only wait."""
+        return [losses.astype(np.float64).sum().asscalar() / len(losses)]
+
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
+        return [evaluate(self.members[0].net, train, test, chunk)]
+
+    def sync_members(self) -> None:
+        """The member's net is the trained one: nothing to copy."""
+
+
+def fit(
+    models: Models,
+    train: DeviceSplit,
+    test: DeviceSplit,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    eval_chunk: int = 10000,
+    on_epoch: Callable[[Member, EpochMetrics], None] = lambda member, m: None,
+    on_nonfinite: Callable[[Member, str], None] = lambda member, why: None,
+    stop_on_nonfinite: bool = True,
+    start_epoch: int = 1,
+    rng: np.random.Generator | None = None,
+) -> Sequence[Member]:
+    """Train epochs start_epoch..epochs of shuffled mini-batches; return the members, each with its history.
+
+    The batch order of each epoch is rng.permutation(n) (rng default: np.random.default_rng(seed));
+    a resumed run passes the generator restored from its checkpoint. Each batch does what the
+    tutorial does: forward and softmax cross-entropy under autograd, backward, one SGD step. The
+    losses stay on the device until the epoch ends; the host waits once after training an epoch
+    and once after scoring it.
+
+    After each epoch, on_epoch(member, metrics) runs for every member still going. A member whose
+    epoch loss is NaN or infinite (with stop_on_nonfinite) gets on_nonfinite(member, reason) once and
+    no more callbacks; in a stack its rows keep training harmlessly (rows never mix), and the others
+    are unchanged to the bit. The loop ends early when no member is left.
+    """
+    n = len(train)
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    for epoch in range(start_epoch, epochs + 1):
+        losses, t0 = run_epoch(models.block, models.step, train, batch_size, rng)
+        train_losses = models.mean_losses(losses)
+        epoch_seconds = time.perf_counter() - t0
+        going = []
+        for member in models.members:
+            if member.failed is not None:
+                continue
+            if stop_on_nonfinite and not math.isfinite(train_losses[member.index]):
+                member.failed = f"epoch {epoch}: mean training loss is {train_losses[member.index]}"
+                on_nonfinite(member, member.failed)
+            else:
+                going.append(member)
+        if not going:
+            break
+        t1 = time.perf_counter()
+        accs = models.evaluate(train, test, eval_chunk)
+        eval_seconds = time.perf_counter() - t1
+        models.sync_members()
+        for member in going:
+            metrics = EpochMetrics(epoch, train_losses[member.index], *accs[member.index], epoch_seconds,
+                                   eval_seconds, n / epoch_seconds)
+            member.history.append(metrics)
+            on_epoch(member, metrics)
+    return models.members

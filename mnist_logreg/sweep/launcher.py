@@ -1,0 +1,135 @@
+"""The stacked launcher's work (`hydra/launcher=stacked`): a sweep's jobs that share a batch stream
+train together as one stack. Its Hydra face is hydra_plugins/mnist_logreg_stacked.
+
+Every job is composed and prepared first, in order, through Hydra's own `run_job` (so each has
+its job folder, `.hydra/` and log), and skip-if-FINISHED is decided then. The jobs left are
+grouped by `lifecycle.train.stack_key`; each group, up to `max_stack` jobs, trains in one pass in this process,
+groups one after another. Each job still gets its own MLflow run, live per-epoch metrics and
+checkpoints, artifacts and JobReturn (so optuna's trials get their objectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import DictConfig, open_dict
+
+from ..project import LOG_FORMAT
+
+log = logging.getLogger(__name__)
+
+
+def _member_logger(num: int, output_dir: Path, job_name: str) -> logging.Logger:
+    """A logger for one job of a stack: its own log file in its job folder, and the console."""
+    from ..config import RedactPasswords
+
+    logger = logging.getLogger(f"mnist_logreg.job.{num}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    for handler in (logging.FileHandler(output_dir / f"{job_name}.log"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(RedactPasswords())
+        logger.addHandler(handler)
+    return logger
+
+
+def _close_logger(logger: Any) -> None:
+    if isinstance(logger, logging.Logger):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _prepare_task(cfg: DictConfig):
+    """run_job's task for a stacked launch: the job's preparation only (no MLflow writes)."""
+    from ..lifecycle.prepare import prepare
+
+    hc = HydraConfig.get()
+    job = prepare(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    job.log = _member_logger(int(hc.job.num), Path(hc.runtime.output_dir), hc.job.name)
+    return job
+
+
+def _returned(prepared: JobReturn, result: Any) -> JobReturn:
+    """The job's JobReturn: the prepared one with the job's objective, or the exception that ended it."""
+    from ..lifecycle.train import objective
+
+    ret = JobReturn(overrides=prepared.overrides, cfg=prepared.cfg, hydra_cfg=prepared.hydra_cfg,
+                    working_dir=prepared.working_dir, task_name=prepared.task_name)
+    if isinstance(result, BaseException):
+        ret.return_value, ret.status = result, JobStatus.FAILED
+    else:
+        ret.return_value, ret.status = objective(result), JobStatus.COMPLETED
+    return ret
+
+
+def check_max_stack(max_stack: Any) -> int:
+    """hydra.launcher.max_stack: an integer >= 1, or one line and exit 2."""
+    if not isinstance(max_stack, int) or isinstance(max_stack, bool) or max_stack < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"hydra.launcher.max_stack={max_stack!r} is not allowed: it must be an integer >= 1")
+    return max_stack
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    """Prepare every job through Hydra's run_job, skip the FINISHED ones, group the rest by stack_key
+    into stacks of at most launcher.max_stack, and train the stacks one after another.
+
+    launcher: the Hydra plugin, set up (config, hydra_context, task_function)."""
+    from ..lifecycle.parent import parent_run
+    from ..lifecycle.prepare import skip
+    from ..lifecycle.train import stack_key, train_jobs
+
+    setup_globals()
+    assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    log.info("Preparing %d jobs to train stacked (up to %d per stack)", len(job_overrides), launcher.max_stack)
+    prepared: list[JobReturn] = []
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        prepared.append(run_job(hydra_context=launcher.hydra_context, task_function=_prepare_task,
+                                config=sweep_config, job_dir_key="hydra.sweep.dir",
+                                job_subdir_key="hydra.sweep.subdir"))
+        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+
+    returns: dict[int, JobReturn] = {}
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, ret in enumerate(prepared):
+        if ret.status != JobStatus.COMPLETED:  # bad input: its exception, as run_job keeps it
+            returns[i] = ret
+        elif ret.return_value.done is not None:
+            returns[i] = _returned(ret, skip(ret.return_value))
+        else:
+            groups[stack_key(ret.return_value)].append(i)
+    parent = parent_run()
+    try:
+        for members in groups.values():
+            for start in range(0, len(members), launcher.max_stack):
+                chunk = members[start : start + launcher.max_stack]
+                launcher.stacks_trained += 1
+                name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
+                jobs = [prepared[i].return_value for i in chunk]
+                log.info("stack %s: jobs %s together (batch size %d)", name,
+                         ", ".join(f"#{initial_job_idx + i}" for i in chunk), jobs[0].cfg.data.batch_size)
+                for i, result in zip(chunk, train_jobs(jobs, name)):
+                    returns[i] = _returned(prepared[i], result)
+    finally:
+        for ret in prepared:
+            if ret.status == JobStatus.COMPLETED:
+                _close_logger(ret.return_value.log)
+    return [returns[i] for i in range(len(prepared))]
