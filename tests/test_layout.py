@@ -128,3 +128,19 @@ def test_hydra_discovers_the_launcher_from_the_installed_environment(tmp_path):
                          check=True).stdout.splitlines()
     assert "hydra_plugins.mnist_logreg_stacked.StackedLauncher" in out[0]
     assert out[1] == "[]"  # the plugin scan imports neither MXNet nor MLflow
+
+
+def test_the_readme_is_a_front_page_whose_links_exist():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    links = re.findall(r"\]\(((?:docs/)[^)#]+)\)", readme)
+    pages = {"configuration", "records", "sweeps", "cluster", "compare", "reproduce", "team-server", "performance",
+             "development"}
+    assert {Path(link).stem for link in links if link.endswith(".md")} == pages
+    for link in links:
+        assert (ROOT / link).is_file(), link
+    for page in (ROOT / "docs").glob("*.md"):  # each page's own links, pictures included
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links {target}"
