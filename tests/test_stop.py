@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_identical(tmp_path, mnist5k_root):
-    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 2) is stopped mid-run.
-    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=3", "data.batch_size=4000,2", f"data.root={mnist5k_root}"]
+    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 8) is stopped mid-run.
+    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=3", "data.batch_size=4000,8", f"data.root={mnist5k_root}"]
     out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/3", signal.SIGINT)
     assert "Traceback" not in out and "Stopped by SIGINT" in out
     client, jobs, parents = jobs_and_parents(tmp_path)
     status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
-    assert status == [("2", "KILLED"), ("2", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
+    assert status == [("8", "KILLED"), ("8", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
     assert parents[0].info.status == "KILLED"
     for run in jobs:
         if run.info.status == "KILLED":  # its metrics so far and its last checkpoint
@@ -35,7 +35,7 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
     client, jobs, _ = jobs_and_parents(tmp_path)
     killed = next(r for r in jobs if r.info.status == "KILLED" and r.data.params["optim.lr"] == "0.5")
     never_stopped = next(r for r in jobs if r.info.status == "FINISHED" and r.data.params["optim.lr"] == "0.5"
-                         and r.data.params["data.batch_size"] == "2")
+                         and r.data.params["data.batch_size"] == "8")
 
     result = train(compose_cfg(f"resume={killed.info.run_id}", f"tracking.uri={store_uri(tmp_path)}"))
     assert result["status"] == "FINISHED"
@@ -44,28 +44,6 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
 
 
 JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.1,0.5", "trainer.epochs=300"]
-
-
-def test_sigterm_to_the_launching_process_stops_joblib_workers(tmp_path, mnist5k_root):
-    """What `timeout`, a cancelled CI job or a scheduler does: SIGTERM to the launching process only."""
-    proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)
-    workers = []
-    out = signal_when(proc, r"epoch +3/300", signal.SIGTERM, before=lambda: workers.extend(descendants(proc.pid)))
-    assert proc.returncode == 128 + signal.SIGTERM and "Stopped by SIGTERM" in out and "Traceback" not in out
-    deadline = time.monotonic() + 5  # no worker outlives it by more than a few seconds
-    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert workers and not [p for p in workers if _alive(p)]
-    client, jobs, parents = jobs_and_parents(tmp_path)
-    assert parents[0].info.status == "KILLED" and len(jobs) in (1, 2)  # (the second may not have started)
-    epochs = {r.info.run_id: len(history(client, r.info.run_id, "train_loss")) for r in jobs}
-    assert max(epochs.values()) >= 3  # (the other worker may have started later)
-    for run in jobs:
-        assert run.info.status == "KILLED"
-        if epochs[run.info.run_id]:  # its metrics so far, and its last checkpoint for resume=
-            assert any(p.startswith("checkpoint/") for p in artifact_paths(client, run.info.run_id))
-
-
 def test_a_worker_killed_with_sigkill_leaves_no_run_running(tmp_path, mnist5k_root):
     proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)
     victims = []

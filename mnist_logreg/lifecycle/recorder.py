@@ -83,7 +83,8 @@ class Recorder:
         try:
             yield self
         except KeyboardInterrupt:
-            self.status = "KILLED"
+            if self.status != "FINISHED":  # a stop after finish() leaves a finished run finished
+                self.status = "KILLED"
             mark_interrupted()
             raise
         finally:
@@ -136,18 +137,20 @@ class Recorder:
         return self.result
 
     def close(self) -> None:
-        """Timing tags, the checkpoint of an unfinished run, and the run's end."""
-        try:
-            self.run.set_tags(self.job.clock.tags())
-            latest = checkpoint.latest(self.ckpt_dir)
-            if self.status != "FINISHED" and latest is not None:
-                self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
-            if self.status != "FINISHED" and self.run.model_id is not None:
-                self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
-        finally:
-            self.run.end(self.status, self.patience)
-            if self.job.out_dir is None:
-                shutil.rmtree(self.work_dir, ignore_errors=True)
-        self.result.setdefault("status", self.status)
-        self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
-                      run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))
+        """Timing tags, the checkpoint of an unfinished run, and the run's end (a signal meanwhile
+        takes effect once the run has ended)."""
+        with self.signals.deferred():
+            try:
+                self.run.set_tags(self.job.clock.tags())
+                latest = checkpoint.latest(self.ckpt_dir)
+                if self.status != "FINISHED" and latest is not None:
+                    self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+                if self.status != "FINISHED" and self.run.model_id is not None:
+                    self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
+            finally:
+                self.run.end(self.status, self.patience)
+                if self.job.out_dir is None:
+                    shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.result.setdefault("status", self.status)
+            self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
+                          run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))

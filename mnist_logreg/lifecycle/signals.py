@@ -11,12 +11,18 @@ from typing import Any, Iterator
 class JobSignals:
     """Ctrl-C (SIGINT) and SIGTERM stop training as KeyboardInterrupt, so runs end KILLED, but
     never in the middle of an MLflow write: one cut short can leave a SQLite store locked, so a
-    signal that arrives inside `deferred()` takes effect when the write is done."""
+    signal that arrives inside `deferred()` takes effect when the write is done.
+
+    Once a stop has begun, the job's runs are ending (metrics, checkpoint, status): a SIGTERM then
+    is the launching process asking for the same stop (a terminal's Ctrl-C reaches both), and is
+    let pass; a second Ctrl-C is the user's and stops at once. Install these handlers around the
+    whole life of the runs, their ends included."""
 
     def __init__(self) -> None:
         self._pending: int | None = None
         self._depth = 0
         self._previous: dict[int, Any] = {}
+        self.stopping = False
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -34,13 +40,21 @@ class JobSignals:
         try:
             yield self
         finally:
-            self.restore()  # a second Ctrl-C from here on stops at once
+            self.restore()
 
     def _handle(self, signum: int, frame) -> None:
+        if self.stopping:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt(f"signal {signum}")
+            return  # the launching process's SIGTERM for the stop under way
         if self._depth:
             self._pending = signum
         else:
-            raise KeyboardInterrupt(f"signal {signum}")
+            self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        self.stopping = True
+        raise KeyboardInterrupt(f"signal {signum}")
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -49,6 +63,6 @@ class JobSignals:
             yield
         finally:
             self._depth -= 1
-            if not self._depth and self._pending is not None:
+            if not self._depth and self._pending is not None and not self.stopping:
                 signum, self._pending = self._pending, None
-                raise KeyboardInterrupt(f"signal {signum}")
+                self._stop(signum)

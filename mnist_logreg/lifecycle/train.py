@@ -47,13 +47,14 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
     tags = dict(extra_tags or {})
     if group is not None:
         tags.update({"stack.group": group, "stack.size": str(len(jobs))})
-    with contextlib.ExitStack() as ends:
+    # The handlers stay installed until every run has ended, so that a stop is never cut short.
+    with signals.installed(), contextlib.ExitStack() as ends:
         recorders: list[Recorder] = []
         for i, job in enumerate(jobs):
-            recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})})
-            ends.enter_context(recorder.running())
+            with signals.deferred():  # a signal while the run is created ends it KILLED, once it exists
+                recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})})
+                ends.enter_context(recorder.running())
             recorders.append(recorder)
-        ends.enter_context(signals.installed())
         _fit_and_finish(jobs, group, recorders, results)
     if group is None and isinstance(results[0], Exception):
         raise results[0]

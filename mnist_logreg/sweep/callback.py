@@ -108,6 +108,10 @@ class SweepTracking(Callback):
             client, config.tracking.experiment, OmegaConf.select(config, "tracking.artifact_location")
         )
         share_cores(config)
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_") or "").lower():
+            from .stopping import shield_submitit_controllers
+
+            shield_submitit_controllers()
         sweep = new_sweep_id()
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
         parent = RunLog.create(

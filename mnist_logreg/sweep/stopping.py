@@ -48,6 +48,20 @@ def descendants(pid: int | None = None) -> list[int]:
     return out
 
 
+def job_processes() -> list[int]:
+    """The processes below this one that run jobs: all but the resource trackers of multiprocessing
+    and loky, which ignore SIGTERM and exit by themselves once this process has gone."""
+    out = []
+    for pid in descendants():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in command:
+            out.append(pid)
+    return out
+
+
 def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -70,8 +84,8 @@ def terminate_and_wait(pids: list[int], grace: float, done=lambda: False) -> lis
 
 
 def terminate_descendants(grace: float = 5.0) -> list[int]:
-    """SIGTERM every process below this one, then SIGKILL those still there after `grace` seconds."""
-    pids = descendants()
+    """SIGTERM every job process below this one, then SIGKILL those still there after `grace` seconds."""
+    pids = job_processes()
     if pids:
         signal_all(terminate_and_wait(pids, grace), signal.SIGKILL)
     return pids
@@ -106,8 +120,9 @@ def install(on_first_signal) -> None:
 
 
 def stop_workers(client, experiment_id: str, parent_run_id: str, grace: float = GRACE_S) -> None:
-    """Ask every job process to stop (SIGTERM: its run ends KILLED), and wait for their runs."""
-    pids = descendants()
+    """Ask every job process to stop (SIGTERM: its run ends KILLED), and wait until their runs have
+    ended or the processes are gone, whichever comes first."""
+    pids = job_processes()
     if not pids:
         return
     log.info("stopping %d job processes; their runs end KILLED with their metrics and checkpoints", len(pids))
@@ -136,3 +151,27 @@ def end_orphaned_runs(client, experiment_id: str, parent_run_id: str, interrupte
         log.warning("run %s was left RUNNING by a process that died: ended %s", run.info.run_id,
                     "KILLED" if interrupted else "FAILED")
     return len(runs)
+
+
+def shield_submitit_controllers() -> None:
+    """submitit's local launcher runs each job under a controller process in the terminal's process
+    group. A terminal's Ctrl-C would give that controller a KeyboardInterrupt traceback, and it then
+    forwards a second SIGINT to its job and SIGKILLs it a second later, cutting the job's stop short.
+    Controllers started from here on ignore SIGINT (an ignored signal is inherited); the job inside
+    installs its own handlers, so it still stops on the terminal's Ctrl-C, and this process still
+    hears it and stops the rest."""
+    import submitit.local.local as local
+
+    original = local.start_controller
+    if getattr(original, "shielded", False) or threading.current_thread() is not threading.main_thread():
+        return
+
+    def start_controller(*args, **kwargs):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    start_controller.shielded = True  # type: ignore[attr-defined]
+    local.start_controller = start_controller
