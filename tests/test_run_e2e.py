@@ -148,3 +148,25 @@ def test_full_disk_for_artifacts(tmp_path, mnist5k_root):
         assert left and all(p.endswith("config.yaml") or "/checkpoint/" in p for p in left), left
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_a_fresh_sqlite_store_is_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
+    """A new store is laid whole from a template made once per MLflow version (no 68 migrations per
+    store), and MLflow's own schema check accepts it; an existing store is never replaced."""
+    import sqlite3
+
+    from mnist_logreg.tracking.store import client_for, lay_fresh_sqlite_store, store_template
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "mlflow.db"
+    client = client_for(f"sqlite:///{db}")
+    template = store_template()
+    assert template.is_file() and template.parent == tmp_path / "cache" / "mnist_logreg"
+    version = lambda path: sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchall()  # noqa: E731
+    assert version(db) == version(template)
+    assert client.get_experiment("0").artifact_location == str(tmp_path / "mlruns" / "0")
+    run = client.create_run(client.create_experiment("x"))
+    client.log_metric(run.info.run_id, "m", 1.0)
+    assert not lay_fresh_sqlite_store(db)  # the store with its run stays as it is
+    assert client_for(f"sqlite:///{db}").get_run(run.info.run_id).data.metrics == {"m": 1.0}

@@ -22,7 +22,7 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
     assert "Traceback" not in out and "Stopped by SIGINT" in out
     client, jobs, parents = jobs_and_parents(tmp_path)
     status = sorted((r.data.params["data.batch_size"], r.info.status) for r in jobs)
-    assert status == [("8", "KILLED"), ("8", "KILLED"), ("4000", "FINISHED"), ("4000", "FINISHED")]
+    assert status == [("4000", "FINISHED"), ("4000", "FINISHED"), ("8", "KILLED"), ("8", "KILLED")]
     assert parents[0].info.status == "KILLED"
     for run in jobs:
         if run.info.status == "KILLED":  # its metrics so far and its last checkpoint
