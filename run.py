@@ -6,6 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from mnist_logreg.config import in_our_words
 from mnist_logreg.errors import exit_on_interrupt, install_hydra_error_handler
 
 # conf/config.yaml adds this folder to Hydra's search path, so that experiments/ is a config group.
@@ -21,6 +22,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    install_hydra_error_handler()  # bad input: one line on stderr and exit status 2
+    install_hydra_error_handler(in_our_words)  # bad input: one line on stderr and exit status 2
     with exit_on_interrupt():  # Ctrl-C / SIGTERM: runs end KILLED, then one line and status 130 / 143
         main()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -59,8 +62,76 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def check_value(key: str, value: Any) -> None:
     """Raise ConfigError when value is not allowed for key (keys without a rule pass)."""
     rule = RULES.get(key)
-    if rule is not None and not rule[0](value):
-        raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {rule[1]}")
+    if rule is None or rule[0](value):
+        return
+    if isinstance(value, (list, tuple, ListConfig)) and value:  # -m optim.lr=[0.05,0.1]
+        listed = ",".join(str(v) for v in value)
+        raise ConfigError(f"{key}={value!r} is a list, and {key} must be {rule[1]}: to sweep it, "
+                          f"write -m {key}={listed} (no brackets, no spaces)")
+    raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {rule[1]}")
+
+
+# Config values that are mappings of the user's own names (a file name -> its md5): any key below
+# them is theirs to add.
+OPEN_MAPPINGS = ("data.md5",)
+
+
+def _conf_dir() -> Path:
+    from .project import PROJECT_ROOT
+
+    return Path(os.environ.get("MNIST_LOGREG_ROOT") or PROJECT_ROOT) / "conf"
+
+
+@functools.lru_cache(maxsize=4)
+def known_keys(conf_dir: Path | None = None) -> frozenset[str]:
+    """Every config key the harness reads: the top level of conf/config.yaml and every key of every
+    option of its config groups (hydra's own keys aside). Empty where conf/ is not there."""
+    import yaml
+
+    conf_dir = conf_dir or _conf_dir()
+    keys: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            keys.add(name)
+            if isinstance(value, dict) and name not in OPEN_MAPPINGS:
+                walk(value, f"{name}.")
+
+    if not (conf_dir / "config.yaml").is_file():
+        return frozenset()
+    top = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+    walk({k: v for k, v in top.items() if k not in ("defaults", "hydra")}, "")
+    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
+        keys.add(group.name)
+        for option in group.glob("*.yaml"):
+            walk(yaml.safe_load(option.read_text()) or {}, f"{group.name}.")
+    return frozenset(keys)
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    """The one line for a key no config group defines, with the nearest known key."""
+    import difflib
+
+    known = known_keys()
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}?" if near else "python run.py --cfg job lists every key"
+    return ConfigError(f"{key} is not a config key of mnist_logreg ({hint}); nothing was run")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key that no config group defines, however it got in (`+model.sgima=0.5` included)."""
+    known = known_keys()
+    if not known:
+        return
+    container = OmegaConf.to_container(cfg, resolve=False)
+    stack = [(k, v) for k, v in container.items() if k != "hydra"]
+    while stack:
+        key, value = stack.pop()
+        if key not in known and not key.startswith(tuple(f"{m}." for m in OPEN_MAPPINGS)):
+            raise unknown_key_error(key)
+        if isinstance(value, dict) and key not in OPEN_MAPPINGS:
+            stack.extend((f"{key}.{k}", v) for k, v in value.items())
 
 
 def validate(cfg: DictConfig) -> None:
@@ -107,3 +178,26 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = redact(str(value))
     return out
+
+
+def in_our_words(exc: Exception) -> Exception:
+    """Hydra's messages about the command line, in the harness's words (which never advise `+key`)."""
+    text = str(exc)
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown and "To append" in text:
+        return unknown_key_error(unknown[1])
+    present = re.match(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if present:
+        return ConfigError(f"{present[1]} is a config key already: set it as {present[1]}=VALUE")
+    override = getattr(exc, "override", None)  # hydra.errors.OverrideParseException
+    if isinstance(override, str):
+        if override.rstrip().endswith(","):
+            key = override.split("=", 1)[0]
+            return ConfigError(f"the argument {override!r} ends in a comma: a sweep is one argument with no "
+                               f"spaces, as in -m {key}=0.05,0.1 (or quote it: '{key}=0.05, 0.1')")
+        if "=" not in override:
+            return ConfigError(f"the argument {override!r} is not KEY=VALUE: if it is a value of the sweep before "
+                               "it, join them with commas and no spaces (-m optim.lr=0.05,0.1)")
+        return ConfigError(f"cannot read the argument {override!r}: write KEY=VALUE, a sweep as KEY=A,B,C with "
+                           "no spaces, and quote a value that has spaces or brackets")
+    return exc

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import traceback
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class HarnessError(Exception):
@@ -97,11 +97,12 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def install_hydra_error_handler() -> None:
+def install_hydra_error_handler(in_our_words: Callable[[Exception], Exception] = lambda exc: exc) -> None:
     """Make Hydra report bad input (HarnessError, bad overrides, unknown keys or options) in one line.
 
     Other exceptions keep Hydra's report. HYDRA_FULL_ERROR=1 shows the full traceback of any.
-    The exit status is 2 for bad input, as for a command-line usage error.
+    The exit status is 2 for bad input, as for a command-line usage error. in_our_words(exc) may
+    restate Hydra's message (config.in_our_words does).
     """
     import hydra._internal.utils as hydra_utils
     from hydra.errors import CompactHydraException, OverrideParseException
@@ -113,7 +114,7 @@ def install_hydra_error_handler() -> None:
             try:
                 return func()
             except (HarnessError, CompactHydraException, OverrideParseException) as exc:
-                exit_bad_input(exc)
+                exit_bad_input(in_our_words(exc))
 
         return original(guarded)
 

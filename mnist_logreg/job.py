@@ -18,7 +18,7 @@ from .lifecycle.train import objective, train_jobs
 log = logging.getLogger("mnist_logreg.job")
 
 
-def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Train one model as `cfg` says, track it in MLflow, and return its final metrics and run id.
 
     Everything that can be wrong with the input is checked before the MLflow run is created, so
@@ -27,7 +27,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> dict[str
     job = prepare(cfg, *_hydra_job())
     if job.done is not None:
         return skip(job)
-    return train_jobs([job], extra_tags=extra_tags)[0]  # type: ignore[return-value]
+    return train_jobs([job], extra_tags=extra_tags, run_name=run_name)[0]  # type: ignore[return-value]
 
 
 __all__ = ["train", "main", "objective"]

@@ -198,6 +198,7 @@ def card(tmp_path_factory, mnist5k_root) -> dict[str, Path]:
         proc = run_cli([*args, f"data.root={mnist5k_root}"], cwd=folder)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
         (folder / "stdout.txt").write_text(proc.stdout)
+        (folder / "stderr.txt").write_text(proc.stderr)
         folders[name] = folder
     return folders
 

@@ -95,3 +95,23 @@ def test_passwords_in_uris_are_hidden():
     assert redact("postgresql://bob:s3cret@db:5432/x") == "postgresql://bob:***@db:5432/x"
     flat = flatten({"tracking": {"uri": "http://alice:hunter2@127.0.0.1:5000"}})
     assert "hunter2" not in flat["tracking.uri"]
+
+
+def test_settings_that_do_not_change_the_numbers_never_become_comparison_columns():
+    import pandas as pd
+
+    from mnist_logreg.analysis.compare import swept_axes
+
+    runs = pd.DataFrame({"params.optim.lr": ["0.1", "0.5"], "params.force": ["False", "True"],
+                         "params.data.root": ["/a", "/b"], "params.tracking.uri": ["x", "y"],
+                         "params.resume": ["None", "abc"], "params.seed": ["1", "1"]})
+    assert swept_axes(runs) == ["optim.lr"]
+
+
+def test_known_keys_come_from_every_config_group():
+    from mnist_logreg.config import known_keys
+
+    keys = known_keys()
+    assert {"optim.lr", "model.sigma", "data.batch_size", "trainer.epochs", "context.threads", "tracking.register",
+            "seed", "force", "resume", "data.md5"} <= keys
+    assert not any(k.startswith("hydra") for k in keys)

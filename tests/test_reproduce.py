@@ -1,5 +1,6 @@
 """Determinism and `python -m mnist_logreg.reproduce` on real logged runs."""
 
+import re
 import hashlib
 import shutil
 import sqlite3
@@ -67,9 +68,11 @@ def test_reproduce_passes_and_links_the_new_run(logged, capsys):
     assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder)]) == 0
     out = capsys.readouterr().out
     assert "REPRODUCED" in out and "NOT REPRODUCED" not in out
-    assert "train_loss      2" in out  # the verdict table has every metric at every step
+    # A summary per metric (steps compared, largest difference), not every step; --full gives those.
+    assert re.search(r"^train_loss +1\.\.2 +0 ", out, re.M) and "train_loss      2" not in out
     _, all_runs = runs_of(folder)
     (copy,) = [r for r in all_runs if r.data.tags.get("reproduces") == run.info.run_id]
+    assert copy.info.run_name == f"reproduction of {run.info.run_name} ({run.info.run_id[:8]})"
     assert copy.data.tags["reproduction.verdict"] == "reproduced"
     assert copy.data.tags["params.sha256"] == run.data.tags["params.sha256"]
     assert copy.data.tags["mnist_logreg.role"] == "reproduction"
@@ -90,9 +93,10 @@ def test_changed_param_is_named(logged, capsys):
     folder, _, client, run, _ = logged
     with sqlite3.connect(folder / "mlflow.db") as db:
         db.execute("UPDATE params SET value = '0.2' WHERE key = 'optim.lr' AND run_uuid = ?", (run.info.run_id,))
-    assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder)]) == 1
+    assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(folder), "--full"]) == 1
     out = capsys.readouterr().out
     assert "config optim.lr: 0.1 -> 0.2" in out and "config.sha256:" in out
+    assert re.search(r"^train_loss +2 ", out, re.M)  # --full: every metric at every step
 
 
 def test_atol_decides_when_the_weights_differ(logged, capsys):

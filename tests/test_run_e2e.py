@@ -47,20 +47,31 @@ def _no_runs(folder):
         (["-m", "optim.lr=0.1,abc"], "optim.lr='abc'"),                # the sweep callback
         (["data.root=/nonexistent/idx"], "data.root=/nonexistent/idx does not exist"),  # the job
         (["-m", "optim.lr=0.1,0.5", "tracking.uri=sqlite:///{tmp}/notes.db"], "notes.db is not an SQLite database"),
+        # A typo, appended with + (Hydra's own advice) or not, single run or sweep: the nearest key.
+        (["trainer.epoch=3"], "trainer.epoch is not a config key of mnist_logreg (did you mean trainer.epochs?)"),
+        (["+trainer.epoch=3"], "trainer.epoch is not a config key of mnist_logreg (did you mean trainer.epochs?)"),
+        (["-m", "+model.sgima=0.5", "optim.lr=0.1,0.5"], "model.sgima is not a config key of mnist_logreg (did you "
+                                                          "mean model.sigma?)"),
+        (["resume=0123456789abcdef0123456789abcdef", "trainer.epochs=5"],
+         "resume=0123456789abcdef0123456789abcdef continues the run with the config it logged, so trainer.epochs=5 "
+         "would be ignored"),
+        (["-m", "optim.lr=[0.05,0.1]"], "to sweep it, write -m optim.lr=0.05,0.1"),
+        (["-m", "optim.lr=0.05,", "0.1"], "a sweep is one argument with no spaces, as in -m optim.lr=0.05,0.1"),
     ],
-    ids=["config-value", "composition", "callback", "job", "corrupt-store"],
+    ids=["config-value", "composition", "callback", "job", "corrupt-store", "typo", "appended-typo",
+         "appended-typo-sweep", "resume-with-override", "sweep-as-list", "sweep-with-space"],
 )
 def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     notes = tmp_path / "notes.db"
     notes.write_text("not a database, and it stays as it is\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     defaults = [f"data.root={mnist5k_root}", "trainer.epochs=1"]
-    given = {a.split("=", 1)[0] for a in args}
+    given = {a.split("=", 1)[0].lstrip("+") for a in args}
     proc = run_cli([*args, *(d for d in defaults if d.split("=", 1)[0] not in given)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout and " +" not in lines[0]  # never advises +key
     assert _no_runs(tmp_path)
     assert notes.read_text() == "not a database, and it stays as it is\n"
 

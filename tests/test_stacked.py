@@ -1,6 +1,7 @@
 """The card's sweeps through run.py (conftest.card), shared by the tests that read them: the stacked launcher
 (`-m`'s default) bit-identical to the basic one, what a sweep's runs record, relaunch, resume, reproduce."""
 
+import re
 import json
 import os
 import shutil
@@ -82,6 +83,14 @@ def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root):
                      ("1e+38", "FAILED"), ("1e+38", "FAILED")]
     newest = max(parents, key=lambda r: r.info.start_time)
     assert sum(k.startswith("reused.") for k in newest.data.tags) == 2  # the comparison still shows them
+    # The same sweep again: every point is skipped, and its parent says so, linking each run.
+    proc = run_cli(["-m", "optim.lr=0.05,0.1", *CARD[1:], f"data.root={mnist5k_root}"], cwd=card["stacked"])
+    assert proc.returncode == 0 and "all 2 points had FINISHED runs already" in proc.stdout, proc.stderr
+    client, _, parents = jobs_and_parents(card["stacked"])
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert newest.info.run_name.endswith("(all 2 points skipped)")
+    note = newest.data.tags["mlflow.note.content"]
+    assert all(rid in note for rid in (k.split(".", 1)[1] for k in newest.data.tags if k.startswith("reused.")))
     # force=true trains a FINISHED point again (in-process, through the same phases)
     uri = store_uri(card["stacked"])
     again = train(compose_cfg("optim.lr=0.1", *CARD[1:], f"data.root={mnist5k_root}", f"tracking.uri={uri}",
@@ -311,3 +320,16 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(card, browser, tmp_path
         assert "classifier" in page and "Ready" in page  # its logged model
         assert "run.py" in page  # its source
         (tmp_path / "child_page.txt").write_text(page)
+
+
+@pytest.mark.parametrize("launcher", ["stacked", "basic"])
+def test_a_sweeps_console_is_the_harness_lines_only(card, launcher):
+    """No MLflow warnings, INFO lines or progress bars: every line is the harness's (a log line,
+    or the comparison table at the end)."""
+    stdout, stderr = ((card[launcher] / name).read_text() for name in ("stdout.txt", "stderr.txt"))
+    assert stderr == ""
+    table = re.compile(r"^ *run_id |^[0-9a-f]{8} |^\(plots in ")
+    foreign = [line for line in stdout.splitlines() if not line.startswith("[20") and not table.match(line)]
+    assert not foreign, foreign[:5]
+    for noise in ("WARNING mlflow", "INFO mlflow", "Downloading artifacts", "UserWarning", "CloudPickle", "pip version"):
+        assert noise not in stdout

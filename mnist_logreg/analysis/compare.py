@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import LOCATION_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
 from ..tracking.store import existing_store_client
 from ..tracking.tags import TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_seeds
 
-HIDDEN_PARAMS = {"tracking.uri"}
+# Params that never become columns: where things went, not what was computed (config.LOCATION_KEYS).
+HIDDEN_PARAMS = LOCATION_KEYS
 # The table's columns besides the swept axes.
 RESULT_COLUMNS = ("run_id", "test_acc", "best_test_acc", "train_loss", "epochs", "wall_s", "status")
 
@@ -44,7 +46,8 @@ def swept_axes(runs: pd.DataFrame) -> list[str]:
     """The params that take more than one value across the runs (the sweep's axes)."""
     axes = []
     for col in runs.columns:
-        if col.startswith("params.") and col[len("params."):] not in HIDDEN_PARAMS:
+        name = col[len("params."):]
+        if col.startswith("params.") and not any(name == k or name.startswith(f"{k}.") for k in HIDDEN_PARAMS):
             if runs[col].nunique(dropna=False) > 1:
                 axes.append(col[len("params."):])
     return axes

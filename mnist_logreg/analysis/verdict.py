@@ -75,10 +75,21 @@ def _weights_within(clients, runs, atol: float) -> bool:
     return all(abs(loaded[0][k] - loaded[1][k]).max() <= atol for k in loaded[0])
 
 
-def format_verdict(rows: list[Row], ok: bool, hashes: tuple, causes: dict, config_diff: dict) -> str:
-    lines = [f"{'metric':<12} {'step':>4} {'original':>14} {'reproduced':>14} {'difference':>11}"]
-    for r in rows:
-        lines.append(f"{r.metric:<12} {r.step:>4} {r.original:>14.8f} {r.reproduced:>14.8f} {r.difference:>11.3g}")
+def format_verdict(rows: list[Row], ok: bool, hashes: tuple, causes: dict, config_diff: dict, full: bool = False
+                   ) -> str:
+    """Per metric, the steps compared and the largest difference (every step with full=True), the
+    weights' hashes, the verdict and, when it failed, the likely causes."""
+    if full:
+        lines = [f"{'metric':<12} {'step':>4} {'original':>14} {'reproduced':>14} {'difference':>11}"]
+        lines += [f"{r.metric:<12} {r.step:>4} {r.original:>14.8f} {r.reproduced:>14.8f} {r.difference:>11.3g}"
+                  for r in rows]
+    else:
+        lines = [f"{'metric':<12} {'steps':>9} {'largest difference':>19}  {'at step':>7}"]
+        for metric in sorted({r.metric for r in rows}):
+            mine = [r for r in rows if r.metric == metric]
+            worst = max(mine, key=lambda r: float("inf") if math.isnan(r.difference) else r.difference)
+            steps = f"{min(r.step for r in mine)}..{max(r.step for r in mine)}"
+            lines.append(f"{metric:<12} {steps:>9} {worst.difference:>19.3g}  {worst.step:>7}")
     lines.append(f"params.sha256  original {hashes[0][:16]}  reproduced {hashes[1][:16]}  "
                  f"{'identical' if hashes[0] == hashes[1] else 'DIFFERENT'}")
     if ok:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from ..config import redact, validate
+from ..config import LOCATION_KEYS, check_known_keys, redact, validate
 from ..errors import ConfigError
 from ..ml.data import DatasetFiles, Split, load, locate
 from ..tracking.queries import finished_run_with
@@ -78,6 +78,23 @@ class Job:
     log: logging.Logger | logging.LoggerAdapter = field(default=log)
 
 
+# Besides where things go (LOCATION_KEYS), what a resumed run may be told: its threads, and Hydra's own keys.
+RESUME_MAY_SET = (*LOCATION_KEYS, "context.threads", "hydra")
+
+
+def check_resume_overrides(run_id: str, overrides: Sequence[str]) -> None:
+    """resume=RUN_ID trains on with the config the run logged: refuse overrides that would change its
+    numbers (they would be silently ignored), naming them."""
+    changing = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key != "resume" and not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_SET):
+            changing.append(override)
+    if changing:
+        raise ConfigError(f"resume={run_id} continues the run with the config it logged, so {' '.join(changing)} "
+                          "would be ignored: drop it, or train a new run with it (without resume=)")
+
+
 def _resumable(cfg: DictConfig) -> tuple[Resumed, DictConfig]:
     """The run named by resume=RUN_ID, its config as logged, and its last checkpoint, downloaded."""
     from mlflow.exceptions import MlflowException
@@ -125,8 +142,10 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
     temporary folder); overrides: the command-line overrides that made this job, for its tags."""
     clock = Clock()
     validate(cfg)
+    check_known_keys(cfg)
     resumed = None
     if cfg.resume:  # continue a KILLED or FAILED run from its last checkpoint, into the same run
+        check_resume_overrides(cfg.resume, overrides)
         resumed, cfg = _resumable(cfg)
     with clock("imports"):
         if cfg.context.threads:  # read by MXNet when it is first imported in this process

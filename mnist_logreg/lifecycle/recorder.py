@@ -29,8 +29,10 @@ from .prepare import SERVER_PATIENCE_S, Job
 from .signals import JobSignals
 
 
-def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = None) -> "Recorder":
-    """Create the job's MLflow run (status RUNNING), or reopen the run it resumes."""
+def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = None, run_name: str | None = None
+             ) -> "Recorder":
+    """Create the job's MLflow run (status RUNNING), named run_name or by its overrides, or reopen the
+    run it resumes."""
     with job.clock("store"):
         if job.resumed is not None:
             job.client.update_run(job.resumed.run.info.run_id, status="RUNNING")
@@ -51,7 +53,7 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **dict(extra_tags or {}),
             }
             run = RunLog.create(job.client, job.experiment_id,
-                                redact(",".join(job.overrides)) or "defaults", tags)
+                                run_name or redact(",".join(job.overrides)) or "defaults", tags)
             run.log_inputs(dataset_inputs(job.cfg.data.name, job.files,
                                           {"train": job.train_split, "test": job.test_split}))
             run.create_model(job.experiment_id)

@@ -33,8 +33,8 @@ def objective(result: dict[str, Any]) -> float:
     return result.get("test_acc", float("nan"))
 
 
-def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None
-               ) -> list[dict[str, Any] | Exception]:
+def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,
+               run_name: str | None = None) -> list[dict[str, Any] | Exception]:
     """Train prepared, not-skipped jobs: one alone (group None), or several that share a stack_key as
     one stack tagged with `group`. Returns each job's result, or the exception that ended its run
     (a lone job raises it instead). Ctrl-C or SIGTERM ends every run KILLED and is re-raised."""
@@ -52,7 +52,7 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
         recorders: list[Recorder] = []
         for i, job in enumerate(jobs):
             with signals.deferred():  # a signal while the run is created ends it KILLED, once it exists
-                recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})})
+                recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
                 ends.enter_context(recorder.running())
             recorders.append(recorder)
         _fit_and_finish(jobs, group, recorders, results)

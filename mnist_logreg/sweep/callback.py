@@ -14,7 +14,7 @@ from typing import Any, Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import check_value, redact, validate
+from ..config import check_known_keys, check_value, redact, validate
 from ..lifecycle.parent import ParentRun, forget_parent_run, interrupted, mark_interrupted
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     validate(config)
+    check_known_keys(config)
     lines = list(OmegaConf.select(config, "hydra.overrides.task") or [])
     params = OmegaConf.select(config, "hydra.sweeper.params")
     if params:
@@ -145,9 +146,34 @@ class SweepTracking(Callback):
         log.info("sweep %s: parent run %s in experiment %s", sweep, parent.run_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._parent is not None:
+            self._say_if_all_skipped(self._parent)
         if self._compare and self._summary is not None and self._parent is not None:
             self._summarize(self._parent)
         self._close("FINISHED")
+
+    def _say_if_all_skipped(self, ctx: ParentRun) -> None:
+        """A relaunched sweep whose every point had a FINISHED run trains nothing: its parent says so
+        in its name and its description, with a link to each run it stands for."""
+        from ..tracking.links import run_url
+        from ..tracking.queries import job_runs
+        from ..tracking.tags import TAG_REUSED
+
+        try:
+            tags = self._client.get_run(ctx.parent_run_id).data.tags
+            reused = sorted(k.split(".", 1)[1] for k in tags if k.startswith(f"{TAG_REUSED}."))
+            if not reused or job_runs(self._client, [ctx.experiment_id], parent=ctx.parent_run_id, max_results=1):
+                return
+            self._client.set_tag(ctx.parent_run_id, "mlflow.runName",
+                                 f"sweep {ctx.sweep} (all {len(reused)} points skipped)")
+            links = "\n".join(f"- [{rid}]({run_url(ctx.tracking_uri, ctx.experiment_id, rid)})" for rid in reused)
+            self._client.set_tag(ctx.parent_run_id, "mlflow.note.content",
+                                 f"All {len(reused)} points of this sweep had FINISHED runs already, so nothing "
+                                 f"was trained (force=true trains them again). Their runs:\n{links}")
+            log.info("sweep %s: all %d points had FINISHED runs already; nothing was trained (force=true "
+                     "trains them again)", ctx.sweep, len(reused))
+        except Exception as exc:  # a note must not fail the sweep
+            log.warning("could not describe sweep %s: %s", ctx.sweep, exc)
 
     def _summarize(self, ctx: ParentRun) -> None:
         try:

@@ -32,7 +32,7 @@ class GluonClassifier(PythonModel):
 
         self.net = mx.gluon.SymbolBlock.imports(context.artifacts[SYMBOL], ["data"], context.artifacts[PARAMS])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):
         import mxnet as mx
         import pandas as pd
 
@@ -64,11 +64,20 @@ def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.
     artifacts = {SYMBOL: str(export_dir / "model-symbol.json"), PARAMS: str(export_dir / "model-0000.params")}
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            saved, python_model=GluonClassifier(), artifacts=artifacts, signature=signature(),
+        mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
+            saved, python_model=__file__, artifacts=artifacts, signature=signature(),
             input_example=example,
             pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}", "pandas"],
         )
         client.log_model_artifacts(model_id, str(saved))
     client.finalize_logged_model(model_id, "READY")
+
+
+# What MLflow loads when it runs this file as the model's code (see log_model).
+try:
+    from mlflow.models import set_model
+
+    set_model(GluonClassifier())
+except ImportError:  # pragma: no cover - mlflow is a dependency
+    pass

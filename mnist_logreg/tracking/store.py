@@ -181,6 +181,13 @@ def wait_for_server(uri: str, patience: float) -> None:
         raise errors[-1]
 
 
+def quiet_mlflow_console() -> None:
+    """MLflow's own console output in a harness process: its warnings and errors, without its INFO
+    lines or its artifact progress bars (a sweep prints a pair per job)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def client_for(uri: str, patience: float = 0.0):
     """An MlflowClient on uri, after checking that a SQLite store's folder exists or a server answers.
 
@@ -189,6 +196,7 @@ def client_for(uri: str, patience: float = 0.0):
     """
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow_console()
     db = sqlite_path(uri)
     if db is not None and not db.parent.is_dir():
         raise TrackingError(
