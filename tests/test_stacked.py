@@ -310,6 +310,21 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(card, browser, tmp_path
         if os.environ.get("MNIST_LOGREG_UPDATE_DOCS") == "1":  # the README's picture
             shutil.copy(shot, Path(__file__).resolve().parent.parent / "docs" / "mlflow_runs_view.png")
 
+        # The README's click path to the jobs' test accuracy: the chart view (the second of the three
+        # view buttons left of the search box), then `test_acc` in "Search metric charts".
+        chart_view = browser.find_element(By.CSS_SELECTOR, "input[value='CHART']")
+        browser.execute_script("arguments[0].click();", chart_view)
+        search = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']"))
+        search.send_keys("test_acc")
+        legend = [f"{r.info.run_name} (test_acc)" for r in runs.values()]
+        wait.until(lambda d: all(entry in d.find_element(By.TAG_NAME, "body").text for entry in legend))
+        charts = browser.find_element(By.TAG_NAME, "body").text.split("Search", 1)[-1]
+        assert "Model metrics\n(1)\ntest_acc" in charts and "epoch_seconds" not in charts  # one chart: test_acc
+        shot = tmp_path / "mlflow_test_acc_chart.png"
+        browser.save_screenshot(str(shot))
+        if os.environ.get("MNIST_LOGREG_UPDATE_DOCS") == "1":
+            shutil.copy(shot, Path(__file__).resolve().parent.parent / "docs" / "mlflow_test_acc_chart.png")
+
         browser.get(run_url(server.url, child.info.experiment_id, child.info.run_id))
         wait.until(lambda d: "Parent run" in d.find_element(By.TAG_NAME, "body").text)
         wait.until(lambda d: "classifier" in d.find_element(By.TAG_NAME, "body").text)
