@@ -41,3 +41,9 @@ def test_bench_sweep_through_run_py(tmp_path, mnist5k_root):
     assert 100 < s["peak_rss_mb"] < 4000  # the run.py process's own peak, in MB
     assert {"imports", "data", "store", "setup", "train", "logging", "artifacts"} <= set(s["phases_s"])
     assert 0 < s["fixed_per_job_s"]["median"] <= s["fixed_per_job_s"]["max"]
+    # The wall-time split adds up to the wall time, and training is the compute the stack logged.
+    split = s["split_s"]
+    assert set(split) == {"start-up", "composing and preparing", "training", "per-run records", "end of the sweep"}
+    assert sum(split.values()) == pytest.approx(s["wall_s"], abs=0.05)
+    assert all(v >= 0 for v in split.values()) and split["training"] == s["stack_compute_s"] > 0
+    assert s["outside_training_per_job_s"] == pytest.approx((s["wall_s"] - s["stack_compute_s"]) / 3)

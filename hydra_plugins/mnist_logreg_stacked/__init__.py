@@ -26,7 +26,10 @@ class StackedLauncher(Launcher):
         self.stacks_trained = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from mnist_logreg.sweep.launcher import compose_once
+
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        compose_once(hydra_context)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mnist_logreg.sweep.launcher import launch

@@ -72,6 +72,27 @@ def _returned(prepared: JobReturn, result: Any) -> JobReturn:
     return ret
 
 
+def compose_once(hydra_context: Any) -> None:
+    """Hydra's sweeper composes every job's config to check the batch, and the launcher composes it
+    again to run it: the launcher takes the sweeper's composition instead (about 0.06 s a job here)."""
+    loader = hydra_context.config_loader
+    if getattr(loader, "composed_for_launch", None) is not None:
+        return
+    compose = loader.load_sweep_config
+    composed: dict[tuple, DictConfig] = {}
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = (id(master_config), tuple(sweep_overrides))
+        if key in composed:  # the launcher's call after the sweeper's check
+            return composed.pop(key)
+        config = compose(master_config, sweep_overrides)
+        composed[key] = config
+        return config
+
+    loader.load_sweep_config = load_sweep_config
+    loader.composed_for_launch = composed
+
+
 def check_max_stack(max_stack: Any) -> int:
     """hydra.launcher.max_stack: an integer >= 1, or one line and exit 2."""
     if not isinstance(max_stack, int) or isinstance(max_stack, bool) or max_stack < 1:

@@ -37,6 +37,7 @@ def git_state(root: str = str(PROJECT_ROOT)) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
 
 
+@functools.lru_cache(maxsize=1)
 def context_tags() -> dict[str, str]:
     """The tags mlflow.start_run adds (user, source name and type, git commit), which the UI shows
     as Created by and Source; runs made through MlflowClient get none unless given them."""
