@@ -1,17 +1,17 @@
 """K models on one batch stream, in one graph, with one update per batch: bit-identical to `Lone`.
 
 K `Dense(10)` models that see the same batches (same data, batch size, seed, epochs) train in one
-hybridized graph: each batch runs every model's own Dense and softmax cross-entropy, exactly the
-operators a lone model's `NetWithLoss` runs and on arrays of the same shapes, then one backward pass
-for all of them. The update then calls the very kernel that `gluon.Trainer` calls for SGD,
+hybridized graph: each batch runs every model's own Dense (a lone model's matrix product, with its
+shapes), then one softmax cross-entropy over the (B, K, 10) scores, row by row as a lone model's,
+and one backward pass for all of them. The update then calls the very kernel that `gluon.Trainer` calls for SGD,
 `multi_sgd_update` (or `multi_sgd_mom_update`, on the momentum arrays each model's own Trainer
 keeps), once for all models, each with its own learning rate and weight decay. Momentum is one value
 per kernel call, so models with different momentum are never stacked together (see
 `lifecycle.train.stack_key`). `training.fit` trains a Stack as it trains a `Lone` model.
 
 Why not one wide `Dense(10*K)`: a wide matrix product runs other BLAS micro-kernels than a
-10-column one, and on some CPUs (AMD EPYC with AVX2, here) they round differently; every per-model
-operator here has a lone model's shapes, so the bits cannot depend on K. tests/test_stack.py checks
+10-column one, and on some CPUs (AMD EPYC with AVX2, here) they round differently; every matrix
+product here has a lone model's shapes, and the rest works row by row, so the bits cannot depend on K. tests/test_stack.py checks
 K = 1, 3 and 9 against lone models, and `reproduce` checks every run it is given.
 """
 
@@ -25,7 +25,7 @@ import mxnet as mx
 from mxnet import gluon, nd
 
 from .model import build_net
-from .training import DeviceSplit, Member, accuracy_count, make_trainer
+from .training import DeviceSplit, Member, make_trainer
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,32 @@ class MemberSpec:
 _KERNEL_ARRAYS = 60
 
 
-class StackedLoss(gluon.HybridBlock):
-    """Every model's Dense and softmax cross-entropy on one batch, as NetWithLoss computes a lone
-    model's: (B, K) losses."""
+class StackedScores(gluon.HybridBlock):
+    """Every model's own Dense on one batch (each a lone model's matrix product, with its shapes),
+    side by side: (B, K, num_outputs) scores."""
 
-    def __init__(self, nets: Sequence[gluon.HybridBlock], **kwargs) -> None:
+    def __init__(self, nets: Sequence[gluon.HybridBlock], num_outputs: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.nets = list(nets)
+        self.nets, self.num_outputs = list(nets), num_outputs
         for i, net in enumerate(self.nets):
             self.register_child(net, f"model{i}")
-        with self.name_scope():
-            self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def hybrid_forward(self, F, x):  # noqa: N803 (Gluon's signature)
+        return F.concat(*[net(x) for net in self.nets], dim=1).reshape((0, len(self.nets), self.num_outputs))
+
+
+class StackedLoss(gluon.HybridBlock):
+    """Each model's softmax cross-entropy over its own scores, as a lone model's loss computes it row
+    by row: (B, K) losses."""
+
+    def __init__(self, scores: StackedScores, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = len(scores.nets)
+        self.scores = scores
 
     def hybrid_forward(self, F, x, y):  # noqa: N803 (Gluon's signature)
-        return F.stack(*[self.loss(net(x), y) for net in self.nets], axis=1)
+        labels = F.broadcast_axis(y.reshape((-1, 1)), axis=1, size=self.k)
+        return -F.pick(F.log_softmax(self.scores(x), axis=-1), labels, axis=-1)
 
 
 class Stack:
@@ -74,7 +86,8 @@ class Stack:
         for i, spec in enumerate(specs):  # each model drawn exactly as build_net draws it alone
             net = build_net(num_outputs, spec.sigma, ctx, seed)
             self.members.append(Member(i, net, make_trainer(net, spec.lr, spec.momentum, spec.wd)))
-        self.block = StackedLoss([m.net for m in self.members])
+        self.scores = StackedScores([m.net for m in self.members], num_outputs)
+        self.block = StackedLoss(self.scores)
         self.block.hybridize(static_alloc=True)  # the members' nets too, as NetWithLoss leaves a lone one
 
         # In the order gluon.Trainer hands a lone Dense's parameters to the kernel: weight, bias.
@@ -103,11 +116,18 @@ class Stack:
         sums = [losses[:, i].astype("float64").sum() for i in range(self.k)]
         return [s.asscalar() / losses.shape[0] for s in sums]
 
+    def accuracy_counts(self, split: DeviceSplit, chunk: int) -> nd.NDArray:
+        """Correct predictions of every model on split: (K,) float32, chunk by chunk as a lone model counts."""
+        correct = nd.zeros((self.k,), ctx=split.x.context)
+        for start in range(0, len(split), chunk):
+            predicted = nd.argmax(self.scores(split.x[start : start + chunk]), axis=2)
+            correct += nd.broadcast_equal(predicted, split.y[start : start + chunk].reshape((-1, 1))).sum(axis=0)
+        return correct
+
     def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
-        """(train_acc, test_acc) of every model, each scored as a lone model is, with one device sync."""
-        counts = nd.concat(*[accuracy_count(m.net, split, chunk) for split in (train, test) for m in self.members],
-                           dim=0).asnumpy().tolist()
-        return [(counts[i] / len(train), counts[self.k + i] / len(test)) for i in range(self.k)]
+        """(train_acc, test_acc) of every model, with one device sync."""
+        counts = nd.stack(self.accuracy_counts(train, chunk), self.accuracy_counts(test, chunk)).asnumpy().tolist()
+        return [(counts[0][i] / len(train), counts[1][i] / len(test)) for i in range(self.k)]
 
     def sync_members(self) -> None:
         """The members' own nets and Trainer states are the ones trained: nothing to copy."""
