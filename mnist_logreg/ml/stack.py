@@ -24,7 +24,7 @@ from typing import Sequence
 import mxnet as mx
 from mxnet import gluon, nd
 
-from .model import build_net
+from .model import NUM_INPUTS, build_net
 from .training import DeviceSplit, Member, make_trainer
 
 
@@ -89,6 +89,8 @@ class Stack:
         self.scores = StackedScores([m.net for m in self.members], num_outputs)
         self.block = StackedLoss(self.scores)
         self.block.hybridize(static_alloc=True)  # the members' nets too, as NetWithLoss leaves a lone one
+        for m in self.members:  # each net's own graph, which net.export writes
+            m.net(nd.zeros((1, NUM_INPUTS), ctx=ctx))
 
         # In the order gluon.Trainer hands a lone Dense's parameters to the kernel: weight, bias.
         params = [(m, p) for m in self.members for p in (m.net.weight, m.net.bias)]
