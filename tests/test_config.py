@@ -115,3 +115,20 @@ def test_known_keys_come_from_every_config_group():
     assert {"optim.lr", "model.sigma", "data.batch_size", "trainer.epochs", "context.threads", "tracking.register",
             "seed", "force", "resume", "data.md5"} <= keys
     assert not any(k.startswith("hydra") for k in keys)
+
+
+def test_learning_curves_of_a_large_sweep_are_drawn_by_axis(tmp_path):
+    """Past 12 runs: a colour per value of the first axis, a panel per value of the second."""
+    import pandas as pd
+
+    from mnist_logreg.analysis.plots import plot_curves
+
+    rows = [{"run_id": f"{i:032x}", "optim.lr": lr, "model.sigma": sigma, "test_acc": 0.5 + lr / 10 - sigma / 10}
+            for i, (lr, sigma) in enumerate((lr, s) for lr in (0.01, 0.1, 0.5, 1.0) for s in (0.01, 0.1, 1.0, 2.0))]
+    table = pd.DataFrame(rows)
+    curves = {r["run_id"]: [(e, r["test_acc"] * e / 4) for e in range(5)] for r in rows}
+    path = plot_curves(table, curves, tmp_path / "curves.png", ["optim.lr", "model.sigma"])
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.shape[1] > 1.5 * image.shape[0]  # four panels side by side

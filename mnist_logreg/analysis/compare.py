@@ -114,10 +114,10 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     output = Path(output or Path("outputs") / "compare" / sweep)
     output.mkdir(parents=True, exist_ok=True)
     table.to_csv(output / "comparison.csv", index=False)
-    plot_curves(table, curves, output / "learning_curves.png", table_axes(table))
     order = ["optim.lr", "model.sigma", "data.batch_size"]
     axes = sorted((a for a in swept_axes(runs) if a != "seed"),
                   key=lambda a: order.index(a) if a in order else len(order))
+    plot_curves(table, curves, output / "learning_curves.png", axes)
     if len(axes) >= 2:  # more axes: the first two, averaged over the others
         plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", averaged=axes[2:])
     spread = seed_spread(table)

@@ -11,21 +11,53 @@ def _label(row: pd.Series, axes: list[str]) -> str:
     return ", ".join(f"{a.split('.')[-1]}={row[a]}" for a in axes) or row["run_id"][:8]
 
 
+# The runs a learning-curves plot marks as the best, by final test accuracy.
+BEST_MARKED = 3
+
+
 def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Path:
-    """Test accuracy against epoch, a line per run labelled by its values of the swept axes."""
+    """Test accuracy against epoch. Small sweeps: a line per run, labelled. Larger ones: a colour per
+    value of the first swept axis (with a legend), a panel per value of the second, the other axes as
+    lines of the same colour; the best runs are drawn thicker and starred at their last epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     from ..lifecycle.plots import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for _, row in table.iterrows():
-        steps, values = zip(*curves[row["run_id"]]) if curves.get(row["run_id"]) else ((), ())
-        ax.plot(steps, values, marker="o", markersize=3, label=_label(row, axes))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    if len(table) <= 20:
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    best = set(table.dropna(subset=["test_acc"]).nlargest(BEST_MARKED, "test_acc")["run_id"])
+    small = len(table) <= 12 or not axes
+    colour_axis = None if small else axes[0]
+    panel_axis = axes[1] if not small and len(axes) >= 2 else None
+    panels = sorted(table[panel_axis].dropna().unique()) if panel_axis else [None]
+    colours = sorted(table[colour_axis].dropna().unique()) if colour_axis else []
+    palette = plt.get_cmap("viridis", max(2, len(colours)))
+    fig, grid = plt.subplots(1, len(panels), figsize=(min(4.2 * len(panels), 17), 4.6), sharey=True, squeeze=False)
+    for ax, panel in zip(grid[0], panels):
+        rows = table if panel is None else table[table[panel_axis] == panel]
+        for _, row in rows.iterrows():
+            steps, values = zip(*curves[row["run_id"]]) if curves.get(row["run_id"]) else ((), ())
+            starred = row["run_id"] in best
+            colour = palette(colours.index(row[colour_axis])) if colour_axis else None
+            ax.plot(steps, values, color=colour, linewidth=2.4 if starred else 0.9, alpha=1.0 if starred else 0.7,
+                    marker="o" if small else None, markersize=3, label=_label(row, axes) if small else None)
+            if starred and steps:
+                ax.plot(steps[-1], values[-1], marker="*", markersize=13, color=colour or "black",
+                        markeredgecolor="black", zorder=5)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if panel is not None:
+            ax.set_title(f"{panel_axis} = {panel}", fontsize=9)
+    grid[0][0].set_ylabel("test accuracy")
+    if small:
+        grid[0][0].legend(fontsize=7, loc="lower right")
+    else:
+        handles = [plt.Line2D([], [], color=palette(i), linewidth=2) for i in range(len(colours))]
+        fig.legend(handles, [f"{colour_axis} = {c}" for c in colours], fontsize=8, loc="lower center",
+                   ncol=min(len(colours), 8), frameon=False)
+    fig.suptitle(f"test accuracy per epoch; \u2605 the best {min(BEST_MARKED, len(best))} by final test_acc",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if not small else 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
