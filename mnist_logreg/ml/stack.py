@@ -131,9 +131,6 @@ class Stack:
         counts = nd.stack(self.accuracy_counts(train, chunk), self.accuracy_counts(test, chunk)).asnumpy().tolist()
         return [(counts[0][i] / len(train), counts[1][i] / len(test)) for i in range(self.k)]
 
-    def sync_members(self) -> None:
-        """The members' own nets and Trainer states are the ones trained: nothing to copy."""
-
 
 def _momentum_state(trainer: gluon.Trainer, param: gluon.Parameter) -> nd.NDArray:
     """The momentum array the Trainer keeps for param (made now if it has none yet), so that the

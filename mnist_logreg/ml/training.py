@@ -139,8 +139,6 @@ class Models(Protocol):
 
     def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]: ...
 
-    def sync_members(self) -> None: ...
-
 
 class Lone:
     """One model through gluon.Trainer, as the tutorial trains it."""
@@ -157,9 +155,6 @@ class Lone:
 
     def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
         return [evaluate(self.members[0].net, train, test, chunk)]
-
-    def sync_members(self) -> None:
-        """The member's net is the trained one: nothing to copy."""
 
 
 def fit(
@@ -210,7 +205,6 @@ def fit(
         t1 = time.perf_counter()
         accs = models.evaluate(train, test, eval_chunk)
         eval_seconds = time.perf_counter() - t1
-        models.sync_members()
         for member in going:
             metrics = EpochMetrics(epoch, train_losses[member.index], *accs[member.index], epoch_seconds,
                                    eval_seconds, n / epoch_seconds)
