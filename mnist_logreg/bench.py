@@ -30,7 +30,7 @@ import numpy as np
 
 from .ml.data import Split, load, locate
 from .project import PROJECT_ROOT
-from .tracking.fingerprint import cpu_model
+from .ml.machine import cpu_model
 
 
 def tutorial_epoch(split_train: Split, split_test: Split, epochs: int, batch_size: int, lr: float, seed: int):

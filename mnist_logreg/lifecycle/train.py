@@ -9,7 +9,7 @@ Either way each job gets its own MLflow run with the same records; only the mode
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,10 +34,12 @@ def objective(result: dict[str, Any]) -> float:
 
 
 def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,
-               run_name: str | None = None) -> list[dict[str, Any] | Exception]:
+               run_name: str | None = None, on_stack: Callable[[str], None] | None = None
+               ) -> list[dict[str, Any] | Exception]:
     """Train prepared, not-skipped jobs: one alone (group None), or several that share a stack_key as
-    one stack tagged with `group`. Returns each job's result, or the exception that ended its run
-    (a lone job raises it instead). Ctrl-C or SIGTERM ends every run KILLED and is re-raised."""
+    one stack tagged with `group`, whose products are as wide as the width probe allows (on_stack is
+    told how many, in words). Returns each job's result, or the exception that ended its run (a lone
+    job raises it instead). Ctrl-C or SIGTERM ends every run KILLED and is re-raised."""
     if group is None and len(jobs) != 1:
         raise ValueError("train_jobs trains one job alone, or a named group as a stack")
     if group is not None and len({stack_key(j) for j in jobs}) != 1:
@@ -45,8 +47,12 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
     results: list[dict[str, Any] | Exception | None] = [None] * len(jobs)
     signals = JobSignals()
     tags = dict(extra_tags or {})
+    width = None
     if group is not None:
-        tags.update({"stack.group": group, "stack.size": str(len(jobs))})
+        width = stack_width(jobs)
+        tags.update({"stack.group": group, "stack.size": str(len(jobs)), "stack.width": str(width.width)})
+        if on_stack is not None:
+            on_stack(width.describe())
     # The handlers stay installed until every run has ended, so that a stop is never cut short.
     with signals.installed(), contextlib.ExitStack() as ends:
         recorders: list[Recorder] = []
@@ -55,20 +61,31 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
                 recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
                 ends.enter_context(recorder.running())
             recorders.append(recorder)
-        _fit_and_finish(jobs, group, recorders, results)
+        _fit_and_finish(jobs, width.width if width else None, recorders, results)
     if group is None and isinstance(results[0], Exception):
         raise results[0]
     return results  # type: ignore[return-value]
 
 
-def _fit_and_finish(jobs: Sequence[Job], group: str | None, recorders: list[Recorder], results: list) -> None:
+def stack_width(jobs: Sequence[Job]):
+    """The width probe's answer for these jobs as one stack (`ml.probe.Width`), at the shapes they run."""
+    from ..ml.probe import run_shapes, widest_exact
+
+    first, cfg = jobs[0], jobs[0].cfg
+    with first.clock("setup"):
+        shapes = run_shapes(len(first.train_split.labels), len(first.test_split.labels), cfg.data.batch_size,
+                            cfg.trainer.eval_batch_size)
+        return widest_exact(len(jobs), cfg.model.num_outputs, first.ctx, shapes)
+
+
+def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list) -> None:
     from ..ml.training import fit, to_device
 
     first, cfg = jobs[0], jobs[0].cfg
     with first.clock("setup"):
         seed_everything(cfg.seed)
         train_d, test_d = to_device(first.train_split, first.ctx), to_device(first.test_split, first.ctx)
-        models, untrained, start_epoch, rng = _models(jobs, group, recorders[0], train_d, test_d)
+        models, untrained, start_epoch, rng = _models(jobs, width, recorders[0], train_d, test_d)
     if untrained is not None:
         for recorder, accs in zip(recorders, untrained):
             recorder.begin(*accs)
@@ -85,14 +102,14 @@ def _fit_and_finish(jobs: Sequence[Job], group: str | None, recorders: list[Reco
             try:
                 results[member.index] = recorder.finish(member.net, test_d, member.history)
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
-                if group is not None:
+                if width is not None:
                     recorder.log.error("run %s: %s", recorder.run.run_id, exc)
                 results[member.index] = exc
 
 
-def _models(jobs: Sequence[Job], group: str | None, recorder: Recorder, train_d, test_d):
+def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d, test_d):
     """What fit trains, the untrained accuracies (None on resume), the first epoch and the batch-order
-    generator: a Lone model (restored from its checkpoint on resume), or a Stack."""
+    generator: a Lone model (restored from its checkpoint on resume), or a Stack of products `width` wide."""
     from ..ml import checkpoint
     from ..ml.model import build_net
     from ..ml.stack import MemberSpec, Stack
@@ -100,9 +117,9 @@ def _models(jobs: Sequence[Job], group: str | None, recorder: Recorder, train_d,
 
     cfg, job = jobs[0].cfg, jobs[0]
     rng, start_epoch = np.random.default_rng(cfg.seed), 1
-    if group is not None:
+    if width is not None:
         specs = [MemberSpec(j.cfg.model.sigma, j.cfg.optim.lr, j.cfg.optim.momentum, j.cfg.optim.wd) for j in jobs]
-        stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed)
+        stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed, width)
         return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size), start_epoch, rng
     net = build_net(cfg.model.num_outputs, cfg.model.sigma, job.ctx, cfg.seed)
     trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)

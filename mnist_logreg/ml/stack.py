@@ -1,18 +1,22 @@
 """K models on one batch stream, in one graph, with one update per batch: bit-identical to `Lone`.
 
 K `Dense(10)` models that see the same batches (same data, batch size, seed, epochs) train in one
-hybridized graph: each batch runs every model's own Dense (a lone model's matrix product, with its
-shapes), then one softmax cross-entropy over the (B, K, 10) scores, row by row as a lone model's,
-and one backward pass for all of them. The update then calls the very kernel that `gluon.Trainer` calls for SGD,
-`multi_sgd_update` (or `multi_sgd_mom_update`, on the momentum arrays each model's own Trainer
-keeps), once for all models, each with its own learning rate and weight decay. Momentum is one value
-per kernel call, so models with different momentum are never stacked together (see
-`lifecycle.train.stack_key`). `training.fit` trains a Stack as it trains a `Lone` model.
+hybridized graph. Their weights live in groups of `width` models, each group one contiguous
+(width * 10, 784) array whose row blocks are the members' own weight arrays (views, no copy): each
+batch runs one `FullyConnected` per group, then one softmax cross-entropy over the (B, K, 10)
+scores, row by row as a lone model's, and one backward pass for all of them. The update then calls
+the very kernel that `gluon.Trainer` calls for SGD, `multi_sgd_update` (or `multi_sgd_mom_update`,
+on the momentum arrays each model's own Trainer keeps), on every member's own views, each with its
+own learning rate and weight decay. Momentum is one value per kernel call, so models with different
+momentum are never stacked together (see `lifecycle.train.stack_key`). `training.fit` trains a Stack
+as it trains a `Lone` model.
 
-Why not one wide `Dense(10*K)`: a wide matrix product runs other BLAS micro-kernels than a
-10-column one, and on some CPUs (AMD EPYC with AVX2, here) they round differently; every matrix
-product here has a lone model's shapes, and the rest works row by row, so the bits cannot depend on K. tests/test_stack.py checks
-K = 1, 3 and 9 against lone models, and `reproduce` checks every run it is given.
+Why groups, and how wide: a wide matrix product may run other BLAS micro-kernels, or split its work
+between threads elsewhere, than a 10-column one, and then round a model differently from a lone
+Dense. Where it stops rounding alike depends on the CPU (9 models on an AVX2 EPYC already differed,
+16 on an AVX-512 one). `probe.widest_exact` finds, on the machine at hand, the widest group that
+rounds every model as a lone one at every shape a run uses; width 1 is always exact (every product
+then has a lone model's shapes).
 """
 
 from __future__ import annotations
@@ -43,17 +47,34 @@ _KERNEL_ARRAYS = 60
 
 
 class StackedScores(gluon.HybridBlock):
-    """Every model's own Dense on one batch (each a lone model's matrix product, with its shapes),
-    side by side: (B, K, num_outputs) scores."""
+    """One FullyConnected per group of models, over the group's contiguous weights and biases,
+    side by side: (B, K, num_outputs) scores. `groups` are the (first, end) member indices."""
 
-    def __init__(self, nets: Sequence[gluon.HybridBlock], num_outputs: int, **kwargs) -> None:
+    def __init__(self, groups: Sequence[tuple[int, int]], num_outputs: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.nets, self.num_outputs = list(nets), num_outputs
-        for i, net in enumerate(self.nets):
-            self.register_child(net, f"model{i}")
+        self.groups, self.num_outputs, self.k = list(groups), num_outputs, groups[-1][1]
+        with self.name_scope():
+            for g, (lo, hi) in enumerate(self.groups):
+                rows = (hi - lo) * num_outputs
+                setattr(self, f"weight{g}", self.params.get(f"weight{g}", shape=(rows, NUM_INPUTS), init="zeros"))
+                setattr(self, f"bias{g}", self.params.get(f"bias{g}", shape=(rows,), init="zeros"))
 
-    def hybrid_forward(self, F, x):  # noqa: N803 (Gluon's signature)
-        return F.concat(*[net(x) for net in self.nets], dim=1).reshape((0, len(self.nets), self.num_outputs))
+    def group_params(self, g: int) -> tuple[gluon.Parameter, gluon.Parameter]:
+        return getattr(self, f"weight{g}"), getattr(self, f"bias{g}")
+
+    def hybrid_forward(self, F, x, **params):  # noqa: N803 (Gluon's signature)
+        outs = [F.FullyConnected(x, params[f"weight{g}"], params[f"bias{g}"], num_hidden=(hi - lo) * self.num_outputs,
+                                 no_bias=False, flatten=True)
+                for g, (lo, hi) in enumerate(self.groups)]
+        scores = outs[0] if len(outs) == 1 else F.concat(*outs, dim=1)
+        return scores.reshape((0, self.k, self.num_outputs))
+
+
+def groups_of(k: int, width: int) -> list[tuple[int, int]]:
+    """Members 0..k-1 in groups of `width`, the last one smaller when width does not divide k."""
+    if width < 1:
+        raise ValueError(f"a stack's group width must be >= 1, not {width}")
+    return [(lo, min(lo + width, k)) for lo in range(0, k, width)]
 
 
 class StackedLoss(gluon.HybridBlock):
@@ -62,7 +83,7 @@ class StackedLoss(gluon.HybridBlock):
 
     def __init__(self, scores: StackedScores, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.k = len(scores.nets)
+        self.k = scores.k
         self.scores = scores
 
     def hybrid_forward(self, F, x, y):  # noqa: N803 (Gluon's signature)
@@ -73,7 +94,8 @@ class StackedLoss(gluon.HybridBlock):
 class Stack:
     """K models of shape Dense(num_outputs) trained together. `members[i]` is model i."""
 
-    def __init__(self, specs: Sequence[MemberSpec], num_outputs: int, ctx: mx.Context, seed: int) -> None:
+    def __init__(self, specs: Sequence[MemberSpec], num_outputs: int, ctx: mx.Context, seed: int,
+                 width: int = 1) -> None:
         self.k, self.num_outputs, self.ctx = len(specs), num_outputs, ctx
         self.momentum = specs[0].momentum
         if any(spec.momentum != self.momentum for spec in specs):
@@ -82,14 +104,24 @@ class Stack:
             raise ValueError("MXNET_OPTIMIZER_AGGREGATION_SIZE <= 1 makes gluon.Trainer call sgd_update, "
                              "whose rounding the stacked step does not reproduce: unset it or use "
                              "hydra/launcher=basic")
+        self.width = min(width, self.k)
         self.members: list[Member] = []
         for i, spec in enumerate(specs):  # each model drawn exactly as build_net draws it alone
             net = build_net(num_outputs, spec.sigma, ctx, seed)
             self.members.append(Member(i, net, make_trainer(net, spec.lr, spec.momentum, spec.wd)))
-        self.scores = StackedScores([m.net for m in self.members], num_outputs)
+        self.scores = StackedScores(groups_of(self.k, self.width), num_outputs)
+        self.scores.initialize(ctx=ctx)
+        for g, (lo, hi) in enumerate(self.scores.groups):
+            for group_param, name in zip(self.scores.group_params(g), ("weight", "bias")):
+                own = [getattr(m.net, name) for m in self.members[lo:hi]]
+                group_param.set_data(nd.concat(*[p.data() for p in own], dim=0))
+                rows = num_outputs
+                for j, p in enumerate(own):  # the member's arrays become its rows of the group's
+                    _share(p, group_param.data()[j * rows : (j + 1) * rows], group_param.grad()[j * rows : (j + 1) * rows])
         self.block = StackedLoss(self.scores)
-        self.block.hybridize(static_alloc=True)  # the members' nets too, as NetWithLoss leaves a lone one
-        for m in self.members:  # each net's own graph, which net.export writes
+        self.block.hybridize(static_alloc=True)
+        for m in self.members:  # each net's own graph (as Lone leaves a lone one), which net.export writes
+            m.net.hybridize(static_alloc=True)
             m.net(nd.zeros((1, NUM_INPUTS), ctx=ctx))
 
         # In the order gluon.Trainer hands a lone Dense's parameters to the kernel: weight, bias.
@@ -130,6 +162,13 @@ class Stack:
         """(train_acc, test_acc) of every model, with one device sync."""
         counts = nd.stack(self.accuracy_counts(train, chunk), self.accuracy_counts(test, chunk)).asnumpy().tolist()
         return [(counts[0][i] / len(train), counts[1][i] / len(test)) for i in range(self.k)]
+
+
+def _share(param: gluon.Parameter, data: nd.NDArray, grad: nd.NDArray) -> None:
+    """Make data and grad (views into a group's arrays, with param's shape and values) param's own
+    arrays: the member's net, Trainer, checkpoints and export then read and write the group's rows."""
+    assert data.shape == param.shape and len(param.list_ctx()) == 1
+    param._data, param._grad = [data], [grad]
 
 
 def _momentum_state(trainer: gluon.Trainer, param: gluon.Parameter) -> nd.NDArray:

@@ -93,6 +93,17 @@ def compose_once(hydra_context: Any) -> None:
     loader.composed_for_launch = composed
 
 
+def job_numbers(nums: Sequence[int]) -> str:
+    """Job numbers as a reader scans them: runs of consecutive ones as #a..#b, the rest listed."""
+    parts, start = [], 0
+    for i in range(1, len(nums) + 1):
+        if i == len(nums) or nums[i] != nums[i - 1] + 1:
+            run = nums[start:i]
+            parts.append(f"#{run[0]}..#{run[-1]}" if len(run) > 2 else ", ".join(f"#{n}" for n in run))
+            start = i
+    return ", ".join(parts)
+
+
 def check_max_stack(max_stack: Any) -> int:
     """hydra.launcher.max_stack: an integer >= 1, or one line and exit 2."""
     if not isinstance(max_stack, int) or isinstance(max_stack, bool) or max_stack < 1:
@@ -145,9 +156,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 launcher.stacks_trained += 1
                 name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
                 jobs = [prepared[i].return_value for i in chunk]
-                log.info("stack %s: jobs %s together (batch size %d)", name,
-                         ", ".join(f"#{initial_job_idx + i}" for i in chunk), jobs[0].cfg.data.batch_size)
-                for i, result in zip(chunk, train_jobs(jobs, name)):
+                together = (f"stack {name}: jobs {job_numbers([initial_job_idx + i for i in chunk])} together "
+                            f"(batch size {jobs[0].cfg.data.batch_size})")
+                for i, result in zip(chunk, train_jobs(jobs, name, on_stack=lambda products: log.info(
+                        "%s, %s", together, products))):
                     returns[i] = _returned(prepared[i], result)
     finally:
         for ret in prepared:

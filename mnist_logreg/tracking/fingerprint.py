@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import LOCATION_KEYS
+from ..ml.machine import cpu_model, usable_cpus
 from ..project import PROJECT_ROOT
 from .tags import git_state
 
@@ -68,22 +69,10 @@ def frozen_requirements() -> str:
     return "".join(f"{n}=={v}\n" for n, v in sorted(names.items()) if n)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def thread_settings() -> dict[str, str]:
     """The variables that set MXNet's and OpenBLAS's threads, and the cores this process may use."""
     tags = {f"threads.{v}": os.environ.get(v, "unset") for v in THREAD_VARS}
-    tags["threads.cpus"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    tags["threads.cpus"] = str(usable_cpus())
     return tags
 
 

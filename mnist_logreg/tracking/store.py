@@ -87,8 +87,9 @@ def store_template() -> Path:
     """Where the fresh-store template of this MLflow version lives (one per user and version)."""
     import mlflow
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist_logreg"
-    return cache / f"mlflow-{mlflow.__version__}-empty-store.db"
+    from ..project import user_cache
+
+    return user_cache() / f"mlflow-{mlflow.__version__}-empty-store.db"
 
 
 def lay_fresh_sqlite_store(db: Path) -> bool:
