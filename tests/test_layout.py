@@ -20,7 +20,7 @@ LAYERS = [
     {"mnist_logreg.sweep"},
     {"mnist_logreg.analysis"},
     {"mnist_logreg.job", "mnist_logreg.compare", "mnist_logreg.reproduce", "mnist_logreg.spool",
-     "mnist_logreg.bench", "mnist_logreg.soak"},
+     "mnist_logreg.bench", "mnist_logreg.soak", "mnist_logreg.jax_peer"},
 ]
 SERVICES = "mnist_logreg.services"  # beside the layers: used by soak and the tests, uses none of them
 

@@ -13,12 +13,14 @@ anywhere shows, almost surely, among the 10 * rows scores and 7,850 gradient val
 
 Answers are cached per process, and on disk (one small file per answer, under the user's cache
 folder) keyed by everything the kernels depend on: the CPU's model and flags, the MXNet build, the
-thread settings and every OMP_*, MXNET_*, KMP_* and OPENBLAS_* variable. A GPU's answers stay in the
+thread settings and every OMP_*, MXNET_*, KMP_*, MKL_*, DNNL_* and OPENBLAS_* variable, and by the
+probe's and the stack's own source (changed code never reuses an answer). A GPU's answers stay in the
 process (its model is not part of the key).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -169,12 +171,20 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _disk_entry(key: tuple) -> Path:
     w, num_outputs, shapes, ctx = key
-    facts = {"probe": 1, "width": w, "num_outputs": num_outputs, "train_rows": shapes.train_rows,
+    facts = {"code": _code_digest(), "width": w, "num_outputs": num_outputs, "train_rows": shapes.train_rows,
              "score_rows": shapes.score_rows, "context": ctx, "mxnet": mx.__version__,
              "mxnet_features": sorted(f.name for f in mx.runtime.Features().values() if f.enabled),
              **machine.kernel_facts()}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
     return user_cache() / "width-probe" / f"{digest}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The probe's and the stack's own code: an answer is never reused by code that computes otherwise."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("probe.py", "stack.py", "model.py",
+                                                                       "training.py"))).hexdigest()
 
 
 def _read_answer(path: Path | None) -> bool | None:

@@ -92,7 +92,10 @@ class StackedLoss(gluon.HybridBlock):
 
 
 class Stack:
-    """K models of shape Dense(num_outputs) trained together. `members[i]` is model i."""
+    """K models of shape Dense(num_outputs) trained together, in products of `width` models (the
+    last one smaller when width does not divide K). `members[i]` is model i."""
+
+    scores_class = StackedScores  # the scoring block (a test swaps in a perturbed one)
 
     def __init__(self, specs: Sequence[MemberSpec], num_outputs: int, ctx: mx.Context, seed: int,
                  width: int = 1) -> None:
@@ -109,7 +112,7 @@ class Stack:
         for i, spec in enumerate(specs):  # each model drawn exactly as build_net draws it alone
             net = build_net(num_outputs, spec.sigma, ctx, seed)
             self.members.append(Member(i, net, make_trainer(net, spec.lr, spec.momentum, spec.wd)))
-        self.scores = StackedScores(groups_of(self.k, self.width), num_outputs)
+        self.scores = self.scores_class(groups_of(self.k, self.width), num_outputs)
         self.scores.initialize(ctx=ctx)
         for g, (lo, hi) in enumerate(self.scores.groups):
             for group_param, name in zip(self.scores.group_params(g), ("weight", "bias")):
