@@ -14,7 +14,7 @@ import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -93,6 +93,16 @@ def compose_once(hydra_context: Any) -> None:
     loader.composed_for_launch = composed
 
 
+def plan_stacks(keys: Sequence[Hashable | None], max_stack: int) -> list[list[int]]:
+    """The stacks to train: the indices of the jobs with a key (None: not to train), grouped by equal
+    keys in the order each key first appears, and each group cut into stacks of at most max_stack."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups[key].append(i)
+    return [members[lo : lo + max_stack] for members in groups.values() for lo in range(0, len(members), max_stack)]
+
+
 def job_numbers(nums: Sequence[int]) -> str:
     """Job numbers as a reader scans them: runs of consecutive ones as #a..#b, the rest listed."""
     parts, start = [], 0
@@ -140,27 +150,26 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
 
     returns: dict[int, JobReturn] = {}
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    keys: list[tuple | None] = []
     for i, ret in enumerate(prepared):
+        keys.append(None)
         if ret.status != JobStatus.COMPLETED:  # bad input: its exception, as run_job keeps it
             returns[i] = ret
         elif ret.return_value.done is not None:
             returns[i] = _returned(ret, skip(ret.return_value))
         else:
-            groups[stack_key(ret.return_value)].append(i)
+            keys[i] = stack_key(ret.return_value)
     parent = parent_run()
     try:
-        for members in groups.values():
-            for start in range(0, len(members), launcher.max_stack):
-                chunk = members[start : start + launcher.max_stack]
-                launcher.stacks_trained += 1
-                name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
-                jobs = [prepared[i].return_value for i in chunk]
-                together = (f"stack {name}: jobs {job_numbers([initial_job_idx + i for i in chunk])} together "
-                            f"(batch size {jobs[0].cfg.data.batch_size})")
-                for i, result in zip(chunk, train_jobs(jobs, name, on_stack=lambda products: log.info(
-                        "%s, %s", together, products))):
-                    returns[i] = _returned(prepared[i], result)
+        for chunk in plan_stacks(keys, launcher.max_stack):
+            launcher.stacks_trained += 1
+            name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
+            jobs = [prepared[i].return_value for i in chunk]
+            together = (f"stack {name}: jobs {job_numbers([initial_job_idx + i for i in chunk])} together "
+                        f"(batch size {jobs[0].cfg.data.batch_size})")
+            for i, result in zip(chunk, train_jobs(jobs, name, on_stack=lambda products: log.info(
+                    "%s, %s", together, products))):
+                returns[i] = _returned(prepared[i], result)
     finally:
         for ret in prepared:
             if ret.status == JobStatus.COMPLETED:

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import subprocess
 from importlib import metadata
 from typing import Any, Mapping

@@ -1,0 +1,114 @@
+"""The launching process's pure logic, in-process with real objects: which jobs stack together
+(configs composed by Hydra, prepared against a real SQLite store), how stacks are cut, how a job's
+signals wait for its MLflow writes, and how runs left RUNNING by dead processes are ended."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from mnist_logreg.lifecycle.prepare import prepare
+from mnist_logreg.lifecycle.signals import JobSignals
+from mnist_logreg.lifecycle.train import stack_key
+from mnist_logreg.sweep.launcher import job_numbers, plan_stacks
+from mnist_logreg.sweep.stopping import end_orphaned_runs
+from mnist_logreg.tracking.store import client_for, ensure_experiment
+from mnist_logreg.tracking.tags import TAG_FAILURE, TAG_PARENT, TAG_ROLE
+from conftest import compose_cfg
+
+
+def test_plan_stacks_groups_equal_keys_in_first_seen_order_and_cuts_at_max_stack():
+    keys = ["a", None, "b", "a", "a", None, "b", "a", "c"]
+    assert plan_stacks(keys, 32) == [[0, 3, 4, 7], [2, 6], [8]]
+    assert plan_stacks(keys, 3) == [[0, 3, 4], [7], [2, 6], [8]]
+    assert plan_stacks(keys, 1) == [[0], [3], [4], [7], [2], [6], [8]]
+    assert plan_stacks([None, None], 4) == []
+    assert plan_stacks(list(range(70)), 32) == [[i] for i in range(70)]
+
+
+def test_job_numbers_reads_as_ranges():
+    assert job_numbers(list(range(32))) == "#0..#31"
+    assert job_numbers([0, 1]) == "#0, #1"
+    assert job_numbers([0, 1, 2, 5, 7, 8, 9, 10]) == "#0..#2, #5, #7..#10"
+    assert job_numbers([4]) == "#4"
+
+
+def test_stack_key_stacks_what_shares_a_batch_stream_and_only_that(tmp_path, mnist5k_root):
+    base = [f"data.root={mnist5k_root}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "data.batch_size=96"]
+    points = {
+        "lr": ["optim.lr=0.5"], "sigma": ["model.sigma=0.1"], "wd": ["optim.wd=0.001"],
+        "lr+sigma+wd": ["optim.lr=0.05", "model.sigma=0.01", "optim.wd=0.01"],
+        "batch": ["data.batch_size=128"], "seed": ["seed=3"], "epochs": ["trainer.epochs=4"],
+        "momentum": ["optim.momentum=0.9"], "momentum2": ["optim.momentum=0.9", "optim.lr=0.5"],
+        "eval": ["trainer.eval_batch_size=500"], "default": [],
+    }
+    keys = {name: stack_key(prepare(compose_cfg(*base, *extra))) for name, extra in points.items()}
+    same = {n for n in keys if keys[n] == keys["default"]}
+    assert same == {"default", "lr", "sigma", "wd", "lr+sigma+wd"}
+    assert keys["momentum"] == keys["momentum2"] != keys["default"]
+    assert len({keys[n] for n in ("batch", "seed", "epochs", "momentum", "eval", "default")}) == 6
+    names = list(points)
+    stacks = plan_stacks([keys[n] for n in names], 32)
+    assert [[names[i] for i in s] for s in stacks] == [
+        ["lr", "sigma", "wd", "lr+sigma+wd", "default"], ["batch"], ["seed"], ["epochs"], ["momentum", "momentum2"],
+        ["eval"]]
+
+
+def _deliver(sig):
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # Python runs the handler in the main thread between bytecodes
+
+
+def test_a_signal_inside_a_write_takes_effect_once_the_write_is_done():
+    before = signal.getsignal(signal.SIGTERM)
+    signals, written = JobSignals(), []
+    with signals.installed():
+        with pytest.raises(KeyboardInterrupt):
+            with signals.deferred():
+                with signals.deferred():  # nested writes: the stop waits for the outermost
+                    _deliver(signal.SIGTERM)
+                    written.append("inner")
+                written.append("outer")
+        assert written == ["inner", "outer"] and signals.stopping
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_outside_a_write_a_signal_stops_at_once_then_sigterm_passes_and_a_second_ctrl_c_stops():
+    signals = JobSignals()
+    with signals.installed():
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)
+            raise AssertionError("not stopped")
+        assert signals.stopping
+        _deliver(signal.SIGTERM)  # the launching process asking for the stop under way: let pass
+        with signals.deferred():
+            _deliver(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)  # the user's second Ctrl-C
+            raise AssertionError("not stopped")
+
+
+def test_runs_left_running_by_dead_processes_end_killed_or_failed(tmp_path):
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = ensure_experiment(client, "orphans", None)
+    parent = client.create_run(exp, tags={TAG_ROLE: "sweep"}).info.run_id
+    other = client.create_run(exp, tags={TAG_ROLE: "sweep"}).info.run_id
+
+    def job(status, under=parent):
+        run = client.create_run(exp, tags={TAG_ROLE: "job", TAG_PARENT: under}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run, status)
+        return run
+
+    running, finished, killed, elsewhere = job("RUNNING"), job("FINISHED"), job("KILLED"), job("RUNNING", other)
+    second = job("RUNNING")
+    assert end_orphaned_runs(client, exp, parent, interrupted=False) == 2
+    for run in (running, second):
+        info = client.get_run(run)
+        assert info.info.status == "FAILED" and "process died" in info.data.tags[TAG_FAILURE]
+    assert client.get_run(finished).info.status == "FINISHED" and client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # another sweep's run is not this one's
+    assert end_orphaned_runs(client, exp, other, interrupted=True) == 1
+    assert client.get_run(elsewhere).info.status == "KILLED" and TAG_FAILURE not in client.get_run(elsewhere).data.tags
+    assert end_orphaned_runs(client, exp, parent, interrupted=True) == 0
