@@ -179,31 +179,41 @@ def _stamps(output: str, pattern: str) -> list[float]:
     return out
 
 
-def sweep(args, overrides: list[str], epochs: int | None = None) -> dict:
-    """One real sweep through run.py into a fresh store: wall time, the peak resident memory of the
-    process, the jobs' own phase timings, and the wall time split by the sweep's own log lines:
-    start-up (to the parent run), composing and preparing (to the first stack), training (the
-    compute the stacks log: epoch and eval seconds, once per stack), per-run records (the rest of
-    the stacks' time) and the end (comparison and exit)."""
+# Runs a command and writes its peak resident memory (KB) to a file. The sweep is started from this
+# small process, not from the bench's own: a child's ru_maxrss starts from its parent's at fork time.
+_PEAK_RSS = ("import os, subprocess, sys\n"
+             "proc = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(proc.pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def sweep(args, overrides: list[str], epochs: int | None = None, folder: Path | None = None) -> dict:
+    """One real sweep through run.py into a fresh store (in folder, kept; default a temporary one):
+    wall time, the peak resident memory of the process, the jobs' own phase timings, and the wall
+    time split by the sweep's own log lines: start-up (to the parent run), composing and preparing
+    (to the first stack), training (the compute the stacks log: epoch and eval seconds, once per
+    stack), per-run records (the rest of the stacks' time) and the end (comparison and exit)."""
     from mlflow.tracking import MlflowClient
 
     from .tracking.queries import job_runs
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(folder or scratch)
         cmd = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *overrides,
                f"trainer.epochs={epochs or args.sweep_epochs}", f"data={args.dataset}",
                *([f"data.root={args.data_root}"] if args.data_root else [])]
-        out_path = Path(tmp) / "output.txt"
+        out_path, rss_path = Path(tmp) / "output.txt", Path(scratch) / "peak_rss_kb"
         with open(out_path, "w") as out:
             started = time.time()
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak memory
+            proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(rss_path), *cmd], cwd=tmp, stdout=out,
+                                  stderr=subprocess.STDOUT)
             wall = time.perf_counter() - t0
         output = out_path.read_text()
-        if os.waitstatus_to_exitcode(status) != 0:
+        if proc.returncode != 0:
             raise SystemExit(f"sweep failed: {' '.join(cmd)}: {output.strip().splitlines()[-1:]}")
-        peak_mb = usage.ru_maxrss / 1024
+        peak_mb = int(rss_path.read_text()) / 1024
         client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         exp = client.get_experiment_by_name("mnist_logreg")
         runs = job_runs(client, [exp.experiment_id])

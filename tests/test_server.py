@@ -86,6 +86,7 @@ def test_soak_at_reduced_size(tmp_path, mnist5k_root, server):
     assert report["runs_recorded"] == 4 and report["runs_finished"] == 4 and report["errors"] == 0
     assert report["metric_points_recorded"] == report["metric_points_expected"] == 4 * 8
     assert report["server_restarted_at_s"] is not None  # the server really went down mid-sweep
+    assert_the_rest_api_shows_the_sweep(server.url, "soak", jobs=4, epochs=1)
 
 
 def test_spool_upload_is_idempotent_and_refuses_a_foreign_run(tmp_path, server, capsys):
@@ -126,10 +127,9 @@ def _post(base, path, body):
         return json.load(resp)
 
 
-def test_mlflow_server_shows_the_sweep(server):
-    """What the UI asks the server for, about the soak's sweep (run above): its parent, children, histories."""
-    base = server.url
-    exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="soak")["experiment"]
+def assert_the_rest_api_shows_the_sweep(base: str, experiment: str, jobs: int, epochs: int) -> None:
+    """What the UI asks the server for, about the one sweep of an experiment: its parent, children, histories."""
+    exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)["experiment"]
     parents = _post(base, "/api/2.0/mlflow/runs/search", {
         "experiment_ids": [exp["experiment_id"]], "filter": "tags.`mnist_logreg.role` = 'sweep'"})["runs"]
     assert len(parents) == 1
@@ -137,10 +137,10 @@ def test_mlflow_server_shows_the_sweep(server):
     children = _post(base, "/api/2.0/mlflow/runs/search", {
         "experiment_ids": [exp["experiment_id"]],
         "filter": f"tags.mlflow.parentRunId = '{parent_id}'", "max_results": 100})["runs"]
-    assert len(children) == 4
+    assert len(children) == jobs
     for child in children:
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         assert {"optim.lr", "model.sigma", "seed", "data.batch_size"} <= set(params)
         hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
                     metric_key="test_acc")["metrics"]
-        assert sorted(m["step"] for m in hist) == [0, 1]
+        assert sorted(m["step"] for m in hist) == list(range(epochs + 1))

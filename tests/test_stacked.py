@@ -72,32 +72,33 @@ def test_reproduce_a_stacked_run_at_atol_0(card, capsys):
     assert "REPRODUCED" in out and "atol=0" in out
 
 
-def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root):
-    proc = run_cli(["-m", "optim.lr=0.05,0.1,1e38,1.0", *CARD[1:], f"data.root={mnist5k_root}"],
-                   cwd=card["stacked"])
+def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root, tmp_path):
+    folder = tmp_path / "card"  # its own copy: the other tests read the card's store as it was made
+    shutil.copytree(card["stacked"], folder)
+    proc = run_cli(["-m", "optim.lr=0.05,0.1,1e38,1.0", *CARD[1:], f"data.root={mnist5k_root}"], cwd=folder)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("skipped: run") == 2  # 0.05 and 0.1 were FINISHED; 1e38 FAILED runs again
-    client, jobs, parents = jobs_and_parents(card["stacked"])
+    client, jobs, parents = jobs_and_parents(folder)
     at_96 = sorted((r.data.params["optim.lr"], r.info.status) for r in jobs if r.data.params["data.batch_size"] == "96")
     assert at_96 == [("0.05", "FINISHED"), ("0.1", "FINISHED"), ("0.5", "FINISHED"), ("1.0", "FINISHED"),
                      ("1e+38", "FAILED"), ("1e+38", "FAILED")]
     newest = max(parents, key=lambda r: r.info.start_time)
     assert sum(k.startswith("reused.") for k in newest.data.tags) == 2  # the comparison still shows them
     # The same sweep again: every point is skipped, and its parent says so, linking each run.
-    proc = run_cli(["-m", "optim.lr=0.05,0.1", *CARD[1:], f"data.root={mnist5k_root}"], cwd=card["stacked"])
+    proc = run_cli(["-m", "optim.lr=0.05,0.1", *CARD[1:], f"data.root={mnist5k_root}"], cwd=folder)
     assert proc.returncode == 0 and "all 2 points had FINISHED runs already" in proc.stdout, proc.stderr
-    client, _, parents = jobs_and_parents(card["stacked"])
+    client, _, parents = jobs_and_parents(folder)
     newest = max(parents, key=lambda r: r.info.start_time)
     assert newest.info.run_name.endswith("(all 2 points skipped)")
     note = newest.data.tags["mlflow.note.content"]
     assert all(rid in note for rid in (k.split(".", 1)[1] for k in newest.data.tags if k.startswith("reused.")))
     # force=true trains a FINISHED point again (in-process, through the same phases)
-    uri = store_uri(card["stacked"])
+    uri = store_uri(folder)
     again = train(compose_cfg("optim.lr=0.1", *CARD[1:], f"data.root={mnist5k_root}", f"tracking.uri={uri}",
                               "force=true"))
     assert again["status"] == "FINISHED"
     assert sum(r.data.params["optim.lr"] == "0.1" and r.data.params["data.batch_size"] == "96"
-               for r in jobs_and_parents(card["stacked"])[1]) == 2
+               for r in jobs_and_parents(folder)[1]) == 2
 
 
 def test_a_sweeps_runs_record_everything(card, mnist5k_root, tmp_path):

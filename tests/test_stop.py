@@ -46,18 +46,19 @@ def test_ctrl_c_kills_the_stack_relaunch_reruns_it_and_a_member_resumes_bit_iden
 JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.1,0.5", "trainer.epochs=300"]
 def test_a_worker_killed_with_sigkill_leaves_no_run_running(tmp_path, mnist5k_root):
     proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)
-    victims = []
+    workers = []
 
     def kill_a_worker():
-        loky = [p for p in descendants(proc.pid) if b"LokyProcess" in open(f"/proc/{p}/cmdline", "rb").read()]
-        victims.append(loky[0])
-        os.kill(loky[0], signal.SIGKILL)
+        workers.extend(p for p in descendants(proc.pid) if b"LokyProcess" in open(f"/proc/{p}/cmdline", "rb").read())
+        os.kill(workers[0], signal.SIGKILL)
 
     out = signal_when(proc, r"epoch +3/300", None, before=kill_a_worker)
     assert proc.returncode != 0, out[-2000:]
-    deadline = time.monotonic() + 5
-    while [p for p in descendants(proc.pid) if _alive(p)] and time.monotonic() < deadline:
+    assert len(workers) == 2  # both jobs were training in their own worker
+    deadline = time.monotonic() + 10
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], "a worker outlived its launcher"
     client, jobs, parents = jobs_and_parents(tmp_path)
     assert parents[0].info.status == "FAILED"
     assert all(r.info.status in ("FAILED", "KILLED") for r in jobs)  # none left RUNNING
