@@ -1,7 +1,8 @@
 """One Hydra job: `train(cfg)` trains one model as the config says and tracks it in MLflow.
 
-run.py, reproduce, resume=RUN_ID and every per-job launcher (basic, joblib, submitit) call it; the
-stacked launcher trains its stacks through the same lifecycle (lifecycle.train.train_jobs).
+run.py, reproduce, resume=RUN_ID and every launcher call it. Under the stacked launcher, a prepared
+job joins its launcher's gathering instead (lifecycle.gathering) and returns once its stack has
+trained it, through the same lifecycle (lifecycle.train.train_jobs).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None, run_name: s
     Everything that can be wrong with the input is checked before the MLflow run is created, so
     bad input leaves no run behind.
     """
+    from .lifecycle import gathering
+
     job = prepare(cfg, *_hydra_job())
     if job.done is not None:
         return skip(job)
+    if extra_tags is None and run_name is None and gathering.active():
+        return gathering.join(job)  # the launcher trains it in a stack, then hands back its result
     return train_jobs([job], extra_tags=extra_tags, run_name=run_name)[0]  # type: ignore[return-value]
 
 

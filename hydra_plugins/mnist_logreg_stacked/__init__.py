@@ -1,16 +1,33 @@
 """mnist_logreg's Hydra launcher plugin, `hydra/launcher=stacked` (the default of conf/config.yaml).
 
 A thin Launcher: Hydra imports this package whenever it scans for plugins, so the work and its heavy
-imports (MXNet, MLflow) stay in mnist_logreg.sweep.launcher until a sweep launches.
+imports (MXNet, MLflow) stay in mnist_logreg.sweep.launcher until a sweep launches. Its config is
+registered in Hydra's ConfigStore here, as Hydra's own launchers register theirs, so that any app
+with the package installed can select it. (No `from __future__ import annotations`: Hydra's plugin
+scan runs this module outside sys.modules, where dataclasses cannot resolve string annotations.)
 """
-from __future__ import annotations
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
-from typing import Sequence
-
+from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+
+@dataclass
+class StackedLauncherConf:
+    """`hydra/launcher=stacked`: jobs that share a batch stream train together (mnist_logreg's own
+    task function); any other task function runs job by job, as under hydra/launcher=basic."""
+
+    _target_: str = "hydra_plugins.mnist_logreg_stacked.StackedLauncher"
+    # Most jobs trained in one stack; a larger group is split into stacks of this size.
+    max_stack: int = 32
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="stacked", node=StackedLauncherConf,
+                             provider="mnist_logreg")
 
 
 class StackedLauncher(Launcher):
@@ -20,9 +37,9 @@ class StackedLauncher(Launcher):
         from mnist_logreg.sweep.launcher import check_max_stack
 
         self.max_stack = check_max_stack(max_stack)
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
         self.stacks_trained = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -35,5 +52,3 @@ class StackedLauncher(Launcher):
         from mnist_logreg.sweep.launcher import launch
 
         return launch(self, job_overrides, initial_job_idx)
-
-

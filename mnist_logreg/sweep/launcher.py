@@ -1,23 +1,28 @@
 """The stacked launcher's work (`hydra/launcher=stacked`): a sweep's jobs that share a batch stream
 train together as one stack. Its Hydra face is hydra_plugins/mnist_logreg_stacked.
 
-Every job is composed and prepared first, in order, through Hydra's own `run_job` (so each has
-its job folder, `.hydra/` and log), and skip-if-FINISHED is decided then. The jobs left are
-grouped by `lifecycle.train.stack_key`; each group, up to `max_stack` jobs, trains in one pass in this process,
-groups one after another. Each job still gets its own MLflow run, live per-epoch metrics and
-checkpoints, artifacts and JobReturn (so optuna's trials get their objectives).
+Every job runs through Hydra's own `run_job` with the app's own task function, exactly as the basic
+launcher runs it (its folder, `.hydra/` files, log, callbacks and JobReturn), but each in a greenlet
+(lifecycle.gathering): the harness's `job.train` prepares the job and pauses there. Once every job
+has started, the paused ones are grouped by `lifecycle.train.stack_key` and trained as stacks of up
+to `max_stack`, one after another, on the main thread; then each job resumes with its own result,
+its task function returns, and Hydra's `on_job_end` fires after its run has ended. A task function
+that never calls `job.train` (another app's) runs to its end at once, job by job, as under basic.
+Each job gets its own MLflow run, live per-epoch metrics and checkpoints, artifacts and JobReturn
+(so optuna's trials get their objectives).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, open_dict
 
 from ..project import LOG_FORMAT
@@ -47,29 +52,6 @@ def _close_logger(logger: Any) -> None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
-
-
-def _prepare_task(cfg: DictConfig):
-    """run_job's task for a stacked launch: the job's preparation only (no MLflow writes)."""
-    from ..lifecycle.prepare import prepare
-
-    hc = HydraConfig.get()
-    job = prepare(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-    job.log = _member_logger(int(hc.job.num), Path(hc.runtime.output_dir), hc.job.name)
-    return job
-
-
-def _returned(prepared: JobReturn, result: Any) -> JobReturn:
-    """The job's JobReturn: the prepared one with the job's objective, or the exception that ended it."""
-    from ..lifecycle.train import objective
-
-    ret = JobReturn(overrides=prepared.overrides, cfg=prepared.cfg, hydra_cfg=prepared.hydra_cfg,
-                    working_dir=prepared.working_dir, task_name=prepared.task_name)
-    if isinstance(result, BaseException):
-        ret.return_value, ret.status = result, JobStatus.FAILED
-    else:
-        ret.return_value, ret.status = objective(result), JobStatus.COMPLETED
-    return ret
 
 
 def compose_once(hydra_context: Any) -> None:
@@ -124,54 +106,71 @@ def check_max_stack(max_stack: Any) -> int:
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    """Prepare every job through Hydra's run_job, skip the FINISHED ones, group the rest by stack_key
-    into stacks of at most launcher.max_stack, and train the stacks one after another.
+    """Start every job through Hydra's run_job in a greenlet, train the ones that joined as stacks
+    (grouped by stack_key, at most launcher.max_stack each), then let each joined job end.
 
     launcher: the Hydra plugin, set up (config, hydra_context, task_function)."""
+    from ..lifecycle.gathering import Gathering
     from ..lifecycle.parent import parent_run
-    from ..lifecycle.prepare import skip
     from ..lifecycle.train import stack_key, train_jobs
 
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    log.info("Preparing %d jobs to train stacked (up to %d per stack)", len(job_overrides), launcher.max_stack)
-    prepared: list[JobReturn] = []
-    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        prepared.append(run_job(hydra_context=launcher.hydra_context, task_function=_prepare_task,
-                                config=sweep_config, job_dir_key="hydra.sweep.dir",
-                                job_subdir_key="hydra.sweep.subdir"))
+    log.info("Launching %d jobs, those that share a batch stream stacked (up to %d per stack)", len(job_overrides),
+             launcher.max_stack)
+    gathering = Gathering(lambda job: train_jobs([job])[0])
+    home, hydra_cfg = os.getcwd(), HydraConfig.instance().cfg
+    configs: list[DictConfig] = []
+    returns: dict[int, JobReturn] = {}
+    joined: dict[int, Any] = {}
+
+    def settle() -> None:  # what run_job leaves behind, as basic leaves it between jobs
+        HydraConfig.instance().cfg = hydra_cfg
+        os.chdir(home)
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
 
-    returns: dict[int, JobReturn] = {}
-    keys: list[tuple | None] = []
-    for i, ret in enumerate(prepared):
-        keys.append(None)
-        if ret.status != JobStatus.COMPLETED:  # bad input: its exception, as run_job keeps it
-            returns[i] = ret
-        elif ret.return_value.done is not None:
-            returns[i] = _returned(ret, skip(ret.return_value))
-        else:
-            keys[i] = stack_key(ret.return_value)
-    parent = parent_run()
     try:
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            configs.append(sweep_config)
+            paused, ret = gathering.start(run_job, hydra_context=launcher.hydra_context,
+                                          task_function=launcher.task_function, config=sweep_config,
+                                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            settle()
+            if paused is None:
+                returns[i] = ret  # ran to its end: another app's task, a skipped or a refused job
+            else:
+                joined[i] = paused
+                hc = sweep_config.hydra
+                paused.job.log = _member_logger(idx, Path(hc.runtime.output_dir), hc.job.name)
+
+        parent = parent_run()
+        keys = [stack_key(joined[i].job) if i in joined else None for i in range(len(configs))]
         for chunk in plan_stacks(keys, launcher.max_stack):
             launcher.stacks_trained += 1
             name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
-            jobs = [prepared[i].return_value for i in chunk]
+            jobs = [joined[i].job for i in chunk]
             together = (f"stack {name}: jobs {job_numbers([initial_job_idx + i for i in chunk])} together "
                         f"(batch size {jobs[0].cfg.data.batch_size})")
-            for i, result in zip(chunk, train_jobs(jobs, name, on_stack=lambda products: log.info(
-                    "%s, %s", together, products))):
-                returns[i] = _returned(prepared[i], result)
+            results = train_jobs(jobs, name, on_stack=lambda products: log.info("%s, %s", together, products))
+            for i, result in zip(chunk, results):
+                HydraConfig.instance().set_config(configs[i])  # as run_job had it while the task ran
+                if configs[i].hydra.job.chdir:
+                    os.chdir(configs[i].hydra.runtime.output_dir)
+                paused = joined.pop(i)
+                returns[i] = gathering.finish(paused, result)
+                _close_logger(paused.job.log)
+                settle()
     finally:
-        for ret in prepared:
-            if ret.status == JobStatus.COMPLETED:
-                _close_logger(ret.return_value.log)
-    return [returns[i] for i in range(len(prepared))]
+        for paused in joined.values():  # a stop: the jobs that did not train unwind
+            gathering.abandon(paused)
+            _close_logger(paused.job.log)
+        settle()
+    return [returns[i] for i in range(len(configs))]
