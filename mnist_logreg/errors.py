@@ -54,11 +54,13 @@ def exit_bad_input(exc: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
-    """Turn an exception into an exit: bad input prints one line and exits 2, anything else a traceback and 1."""
+def exit_on_error(cleanup: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Turn an exception into an exit: bad input prints one line and exits 2 (after cleanup()),
+    anything else a traceback and 1."""
     try:
         yield
     except HarnessError as exc:
+        cleanup()
         exit_bad_input(exc)
     except Exception:
         traceback.print_exc()

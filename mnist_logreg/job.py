@@ -28,7 +28,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None, run_name: s
     from .lifecycle import gathering
 
     job = prepare(cfg, *_hydra_job())
-    if job.done is not None:
+    if job.done is not None or job.busy is not None:
         return skip(job)
     if extra_tags is None and run_name is None and gathering.active():
         return gathering.join(job)  # the launcher trains it in a stack, then hands back its result
@@ -49,20 +49,65 @@ def _hydra_job() -> tuple[Path | None, list[str]]:
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """run.py's entry. Outside a multirun, bad input exits with one line (Hydra would add its own)."""
+    """run.py's entry. Outside a multirun, bad input exits with one line (Hydra would add its own) and
+    leaves no job folder; resume=<a sweep's parent run> continues that whole sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from .errors import exit_on_error
+    from .lifecycle.prepare import ContinueSweep
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
-        with exit_on_error():
-            return train(cfg)
+        folder = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            with exit_on_error(cleanup=lambda: _drop_untouched(folder)):
+                return train(cfg)
+        except ContinueSweep as sweep:
+            _drop_untouched(folder)
+            _continue_sweep(sweep, list(HydraConfig.get().overrides.task))
     try:
         return train(cfg)
     except KeyboardInterrupt:
         _leave_worker_quietly()
         raise
+
+
+def _drop_untouched(folder: Path) -> None:
+    """Remove a single run's job folder that holds only what Hydra wrote before the run was refused
+    (.hydra/ and an empty or near-empty log), and its date folder if that is left empty."""
+    import shutil
+
+    logging.shutdown()
+    if not folder.is_dir() or any(p.name not in (".hydra", "run.log") for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
+def _continue_sweep(sweep, overrides: list[str]) -> None:
+    """resume=<parent run>: run that sweep's own command again (its logged overrides, with where
+    things go taken from this command), which continues it."""
+    import os
+    import sys
+
+    from .config import LOCATION_KEYS
+    from .project import PROJECT_ROOT
+
+    def where(o: str) -> bool:
+        key = o.split("=", 1)[0].lstrip("+~")
+        return key != "resume" and any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS)
+
+    keep = [o for o in overrides if where(o)]
+    mine = {o.split("=", 1)[0].lstrip("+~") for o in keep}
+    logged = [o for o in sweep.overrides if o.split("=", 1)[0].lstrip("+~") not in mine]
+    argv = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *logged, *keep]
+    print(f"resume={sweep.run_id} is sweep {sweep.sweep}: continuing it with python run.py -m "
+          f"{' '.join([*logged, *keep])}", flush=True)
+    os.execv(sys.executable, argv)
 
 
 def _leave_worker_quietly() -> None:

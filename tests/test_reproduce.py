@@ -121,7 +121,32 @@ def test_unknown_run_id_through_python_m(tmp_path, logged):
     folder = logged[0]
     proc = run_cli(["0123456789abcdef0123456789abcdef"], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("Error: run 0123456789abcdef0123456789abcdef does not exist")
+    assert proc.stderr.strip().startswith("Error: run 0123456789abcdef0123456789abcdef: no such run in sqlite:")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_unique_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates(logged, capsys, monkeypatch):
+    import uuid
+
+    from mnist_logreg.errors import ConfigError
+    from mnist_logreg.tracking.queries import run_by_id
+
+    folder, _, client, run, _ = logged
+    assert reproduce.main([run.info.run_id[:8], "--tracking-uri", store_uri(folder)]) == 0  # as the tables print it
+    assert f"run {run.info.run_id} (" in capsys.readouterr().out
+    # Two runs whose ids share their first 7 hex digits (the store draws ids with uuid4).
+    shared = run.info.run_id[:7]
+    made = iter([uuid.UUID(shared + "0" * 25), uuid.UUID(shared + "f" * 25)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(made))
+    twins = [client.create_run(run.info.experiment_id).info.run_id for _ in range(2)]
+    monkeypatch.undo()
+    assert all(t.startswith(shared) for t in twins)
+    with pytest.raises(ConfigError) as err:
+        run_by_id(client, shared, f"run {shared}", store_uri(folder))
+    assert str(err.value).startswith(f"run {shared}: 3 runs begin with {shared}: ") and all(
+        t in str(err.value) for t in [run.info.run_id, *twins])
+    assert run_by_id(client, twins[1][:12], "x", "y").info.run_id == twins[1]  # more digits tell them apart
+    proc = run_cli([shared], cwd=folder, module="mnist_logreg.reproduce")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "give more of the id" in proc.stderr
 
 

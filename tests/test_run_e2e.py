@@ -57,15 +57,19 @@ def _no_runs(folder):
          "would be ignored"),
         (["-m", "optim.lr=[0.05,0.1]"], "to sweep it, write -m optim.lr=0.05,0.1"),
         (["-m", "optim.lr=0.05,", "0.1"], "a sweep is one argument with no spaces, as in -m optim.lr=0.05,0.1"),
+        (["-m", "optim.lr=0.05,0.1,0,5"], "optim.lr=0 is not allowed: optim.lr must be a number > 0 (did you mean 0.5?"),
+        (["resume=abc"], "resume=abc: a run id is 32 hex digits, or a unique prefix of 6 or more"),
+        (["resume=abcdef12"], "resume=abcdef12: no run id begins with abcdef12"),
     ],
     ids=["config-value", "composition", "callback", "job", "corrupt-store", "typo", "appended-typo",
-         "appended-typo-sweep", "resume-with-override", "sweep-as-list", "sweep-with-space"],
+         "appended-typo-sweep", "resume-with-override", "sweep-as-list", "sweep-with-space", "decimal-comma",
+         "short-id", "unknown-prefix"],
 )
 def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     notes = tmp_path / "notes.db"
     notes.write_text("not a database, and it stays as it is\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    defaults = [f"data.root={mnist5k_root}", "trainer.epochs=1"]
+    defaults = [f"data.root={mnist5k_root}", *([] if any(a.startswith("resume=") for a in args) else ["trainer.epochs=1"])]
     given = {a.split("=", 1)[0].lstrip("+") for a in args}
     proc = run_cli([*args, *(d for d in defaults if d.split("=", 1)[0] not in given)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -74,6 +78,8 @@ def test_bad_input_one_line_no_run(tmp_path, mnist5k_root, args, expect):
     assert "Traceback" not in proc.stderr + proc.stdout and " +" not in lines[0]  # never advises +key
     assert _no_runs(tmp_path)
     assert notes.read_text() == "not a database, and it stays as it is\n"
+    if "-m" not in args:  # a refused single run leaves no job folder
+        assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
 
 
 @pytest.mark.parametrize(

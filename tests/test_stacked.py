@@ -72,26 +72,31 @@ def test_reproduce_a_stacked_run_at_atol_0(card, capsys):
     assert "REPRODUCED" in out and "atol=0" in out
 
 
-def test_relaunch_skips_finished_reruns_failed_and_force(card, mnist5k_root, tmp_path):
+def test_relaunch_skips_finished_continues_failed_in_place_and_force(card, mnist5k_root, tmp_path):
     folder = tmp_path / "card"  # its own copy: the other tests read the card's store as it was made
     shutil.copytree(card["stacked"], folder)
+    _, before, old_parents = jobs_and_parents(folder)
     proc = run_cli(["-m", "optim.lr=0.05,0.1,1e38,1.0", *CARD[1:], f"data.root={mnist5k_root}"], cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("skipped: run") == 2  # 0.05 and 0.1 were FINISHED; 1e38 FAILED runs again
+    assert proc.stdout.count("skipped: run") == 2  # 0.05 and 0.1 were FINISHED
     client, jobs, parents = jobs_and_parents(folder)
     at_96 = sorted((r.data.params["optim.lr"], r.info.status) for r in jobs if r.data.params["data.batch_size"] == "96")
+    # 1e38 FAILED before its first checkpoint: it trains again from the start, into its own run
     assert at_96 == [("0.05", "FINISHED"), ("0.1", "FINISHED"), ("0.5", "FINISHED"), ("1.0", "FINISHED"),
-                     ("1e+38", "FAILED"), ("1e+38", "FAILED")]
+                     ("1e+38", "FAILED")]
+    diverged = next(r for r in jobs if r.data.params["optim.lr"] == "1e+38" and r.data.params["data.batch_size"] == "96")
+    assert [s for s, _ in history(client, diverged.info.run_id, "test_acc")] == [0]  # step 0 once, not twice
+    assert len(jobs) == len(before) + 1  # 1.0 is new
     newest = max(parents, key=lambda r: r.info.start_time)
-    assert sum(k.startswith("reused.") for k in newest.data.tags) == 2  # the comparison still shows them
-    # The same sweep again: every point is skipped, and its parent says so, linking each run.
+    assert len(parents) == len(old_parents) + 1  # another command, so another sweep
+    assert {k.split(".", 1)[1]: v for k, v in newest.data.tags.items() if k.startswith("reused.")} == {
+        **{r.info.run_id: "skipped" for r in jobs if r.data.params["optim.lr"] in ("0.05", "0.1")
+           and r.data.params["data.batch_size"] == "96"}, diverged.info.run_id: "continued"}
+    # The same points again: nothing to train, no new sweep, and the line says where the runs are.
+    runs_before = len(runs_of(folder)[1])
     proc = run_cli(["-m", "optim.lr=0.05,0.1", *CARD[1:], f"data.root={mnist5k_root}"], cwd=folder)
-    assert proc.returncode == 0 and "all 2 points had FINISHED runs already" in proc.stdout, proc.stderr
-    client, _, parents = jobs_and_parents(folder)
-    newest = max(parents, key=lambda r: r.info.start_time)
-    assert newest.info.run_name.endswith("(all 2 points skipped)")
-    note = newest.data.tags["mlflow.note.content"]
-    assert all(rid in note for rid in (k.split(".", 1)[1] for k in newest.data.tags if k.startswith("reused.")))
+    assert proc.returncode == 0 and "nothing to train: all 2 points have FINISHED runs already, in sweep" in proc.stdout
+    assert "no new sweep was recorded" in proc.stdout and len(runs_of(folder)[1]) == runs_before
     # force=true trains a FINISHED point again (in-process, through the same phases)
     uri = store_uri(folder)
     again = train(compose_cfg("optim.lr=0.1", *CARD[1:], f"data.root={mnist5k_root}", f"tracking.uri={uri}",

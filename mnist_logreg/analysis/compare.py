@@ -28,6 +28,20 @@ def latest_sweep(client, experiment_id: str) -> str:
     return parents[0].data.tags[TAG_SWEEP]
 
 
+def sweep_tag(client, sweep: str) -> str:
+    """--sweep as given: a sweep tag, or its parent run's id (or a unique prefix of it, 6 or more)."""
+    import re
+
+    from ..tracking.queries import run_by_id
+
+    if re.fullmatch(r"[0-9a-f]{6,32}", sweep):
+        run = run_by_id(client, sweep, f"--sweep {sweep}", f"{client.tracking_uri}: give a sweep tag or a parent run id")
+        if TAG_SWEEP not in run.data.tags:
+            raise HarnessError(f"--sweep {sweep}: run {run.info.run_id} is not in a sweep")
+        return run.data.tags[TAG_SWEEP]
+    return sweep
+
+
 def sweep_runs(uri: str, experiment_id: str, sweep: str, reused: list[str] = ()) -> pd.DataFrame:
     """The sweep's job runs as mlflow.search_runs returns them, one row per run, plus the runs
     that skipped jobs of the sweep reused (finished earlier with the same fingerprint)."""
@@ -76,9 +90,13 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float
                               for r in runs["run_id"]]
     table["train_loss"] = runs.get("metrics.train_loss")
     table["epochs"] = [max((s for s, _ in curves.get(r, [])), default=0) for r in runs["run_id"]]
-    table["wall_s"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds().round(2)
+    stopped = pd.to_numeric(runs.get("tags.stopped_s", pd.Series(0.0, index=runs.index)), errors="coerce").fillna(0.0)
+    table["wall_s"] = ((runs["end_time"] - runs["start_time"]).dt.total_seconds() - stopped).round(2)
     table["status"] = runs["status"]
-    return table.sort_values("test_acc", ascending=False, na_position="last").reset_index(drop=True)
+    # FINISHED runs first, best first: a stopped run shows its status and epochs, and is never the best.
+    table["_unfinished"] = table["status"] != "FINISHED"
+    table = table.sort_values(["_unfinished", "test_acc"], ascending=[True, False], na_position="last")
+    return table.drop(columns="_unfinished").reset_index(drop=True)
 
 
 def table_axes(table: pd.DataFrame) -> list[str]:
@@ -103,7 +121,7 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise HarnessError(f"experiment {experiment!r} does not exist in {uri}: check --experiment/--tracking-uri")
-    sweep = sweep or latest_sweep(client, exp.experiment_id)
+    sweep = sweep_tag(client, sweep) if sweep else latest_sweep(client, exp.experiment_id)
     parents = sweep_parents(client, exp.experiment_id, sweep)
     reused = [k.split(".", 1)[1] for p in parents for k in p.data.tags if k.startswith(f"{TAG_REUSED}.")]
     runs = sweep_runs(uri, exp.experiment_id, sweep, reused)

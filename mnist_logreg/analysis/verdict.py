@@ -117,14 +117,10 @@ def config_diff(client, original, cfg: DictConfig) -> dict[str, tuple]:
 
 def runs_to_reproduce(client, run_id: str | None, sweep: str | None, experiment: str) -> list:
     """The run, or every job run of the sweep it is the parent of (or of --sweep)."""
-    from mlflow.exceptions import MlflowException
+    from ..tracking.queries import run_by_id
 
     if run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as exc:
-            raise HarnessError(f"run {run_id} does not exist in {client.tracking_uri}: check the run id "
-                               "and --tracking-uri") from exc
+        run = run_by_id(client, run_id, f"run {run_id}", f"{client.tracking_uri}: check the run id and --tracking-uri")
         if run.data.tags.get(TAG_ROLE) != "sweep":
             return [run]
         sweep, experiment_ids = run.data.tags[TAG_SWEEP], [run.info.experiment_id]

@@ -1,5 +1,10 @@
-"""A job before its run exists: its config checked, its data loaded, its store opened, and whether a
-FINISHED run already did its work. Nothing is written here."""
+"""A job before its run exists: its config checked, its data loaded, its store opened, and what its
+point already has in the store. Nothing is written here.
+
+One decision per point (`resolve`), from the runs with the job's fingerprint (the same config, code
+and data): a FINISHED run did its work (skip); a run that is KILLED or FAILED, or RUNNING with its
+process gone, is continued in place, from its last checkpoint, or from the start when it has none;
+a run RUNNING elsewhere is left alone; otherwise the job is new. force=true always trains anew."""
 
 from __future__ import annotations
 
@@ -15,15 +20,15 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ..config import LOCATION_KEYS, check_known_keys, redact, validate
 from ..errors import ConfigError
 from ..ml.data import DatasetFiles, Split, load, locate
-from ..tracking.queries import finished_run_with
+from ..tracking.queries import runs_with_fingerprint
 from ..tracking.store import client_for, ensure_experiment
-from ..tracking.tags import TAG_PARENT, TAG_REUSED, TAG_SWEEP
-from .parent import parent_run
+from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_SWEEP
+from .parent import note_reused, parent_run
 
 log = logging.getLogger("mnist_logreg.job")
 
@@ -52,9 +57,13 @@ class Clock:
 
 @dataclass
 class Resumed:
+    """A stopped run this job continues, into the same run."""
+
     client: Any
     run: Any
-    checkpoint: Path
+    checkpoint: Path | None  # its last complete checkpoint; None: it starts over, in place
+    epoch: int = 0  # the epochs that checkpoint holds
+    abandoned: str | None = None  # why a RUNNING run counts as stopped (its process is gone)
 
 
 @dataclass
@@ -75,7 +84,13 @@ class Job:
     sweep_tags: dict[str, str]
     fingerprint: dict[str, str]
     done: Any = None  # a FINISHED run with this fingerprint: the job is skipped
+    busy: Any = None  # a run of this point still training in another process: the job is skipped
     log: logging.Logger | logging.LoggerAdapter = field(default=log)
+
+    @property
+    def start_epoch(self) -> int:
+        """The epochs already done: 0 for a new job or one that starts over."""
+        return self.resumed.epoch if self.resumed is not None and self.resumed.checkpoint is not None else 0
 
 
 # Besides where things go (LOCATION_KEYS), what a resumed run may be told: its threads, and Hydra's own keys.
@@ -95,41 +110,98 @@ def check_resume_overrides(run_id: str, overrides: Sequence[str]) -> None:
                           "would be ignored: drop it, or train a new run with it (without resume=)")
 
 
-def _resumable(cfg: DictConfig) -> tuple[Resumed, DictConfig]:
-    """The run named by resume=RUN_ID, its config as logged, and its last checkpoint, downloaded."""
-    from mlflow.exceptions import MlflowException
+class ContinueSweep(BaseException):
+    """resume= named a sweep's parent run: the command continues that sweep (job.main does). Not an
+    Exception, so that nothing on the way reports it as a failure."""
 
+    def __init__(self, run_id: str, sweep: str, overrides: list[str]) -> None:
+        super().__init__(f"resume={run_id} is sweep {sweep}")
+        self.run_id, self.sweep, self.overrides = run_id, sweep, overrides
+
+
+def _resumable(cfg: DictConfig) -> tuple[Resumed, DictConfig]:
+    """The run named by resume=RUN_ID (or a unique prefix of it), its config as logged, and its last
+    checkpoint, downloaded. A sweep's parent run raises ContinueSweep."""
+    import json
+
+    from ..tracking.queries import run_by_id
     from ..tracking.runconfig import config_from_run
+    from ..tracking.tags import TAG_ROLE
 
     client = client_for(cfg.tracking.uri)
-    try:
-        run = client.get_run(cfg.resume)
-    except MlflowException as exc:
-        raise ConfigError(f"resume={cfg.resume}: no such run in {redact(cfg.tracking.uri)}; "
-                          "check the run id and tracking.uri") from exc
+    run = run_by_id(client, str(cfg.resume), f"resume={cfg.resume}",
+                    f"{redact(cfg.tracking.uri)}; check the run id and tracking.uri")
+    with open_dict(cfg):
+        cfg.resume = run.info.run_id
+    if run.data.tags.get(TAG_ROLE) == "sweep":
+        if parent_run() is not None:
+            raise ConfigError(f"resume={run.info.run_id} is a sweep's parent run: continue the whole sweep with "
+                              f"python run.py resume={run.info.run_id} (without -m)")
+        logged = run.data.tags.get("hydra.overrides.json")
+        overrides = json.loads(logged) if logged else run.data.tags.get("hydra.overrides", "").split()
+        raise ContinueSweep(run.info.run_id, run.data.tags.get(TAG_SWEEP, "?"), overrides)
     if run.info.status not in ("KILLED", "FAILED"):
         raise ConfigError(f"resume={cfg.resume}: the run is {run.info.status}; only KILLED or FAILED "
                           "runs can be resumed")
-    folder = Path(tempfile.mkdtemp(prefix="mnist_logreg_resume_"))
-    try:
-        local = Path(client.download_artifacts(run.info.run_id, "checkpoint", str(folder)))
-    except Exception as exc:
+    local = find_checkpoint(client, run)
+    if local is None:
         raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint (it stopped before its "
-                          "first epoch ended); train it again instead") from exc
+                          "first epoch ended); train it again instead")
     resumed_cfg = config_from_run(client, run)
     resumed_cfg.tracking.uri, resumed_cfg.resume, resumed_cfg.force = cfg.tracking.uri, cfg.resume, True
     validate(resumed_cfg)
-    return Resumed(client, run, local), resumed_cfg
+    return Resumed(client, run, local, checkpoint_epoch(local)), resumed_cfg
+
+
+def find_checkpoint(client, run) -> Path | None:
+    """A stopped run's last complete checkpoint: the one it uploaded when it ended, else the one it
+    left in its job folder (a process killed outright uploads nothing), or None."""
+    from ..ml import checkpoint
+
+    if any(a.path == "checkpoint" for a in client.list_artifacts(run.info.run_id)):
+        folder = Path(tempfile.mkdtemp(prefix="mnist_logreg_resume_"))
+        local = checkpoint.latest(Path(client.download_artifacts(run.info.run_id, "checkpoint", str(folder))))
+        if local is not None:
+            return local
+    left = run.data.tags.get(TAG_CHECKPOINT_DIR)
+    return checkpoint.latest(Path(left)) if left and Path(left).is_dir() else None
+
+
+def checkpoint_epoch(path: Path) -> int:
+    from ..ml import checkpoint
+
+    return checkpoint.epoch_of(path)
+
+
+def resolve(client, experiment_id: str, fingerprint: str) -> tuple[Any, Any, Resumed | None]:
+    """What a point's runs say it needs: (FINISHED run, busy run, Resumed): at most one is set;
+    none for a new point."""
+    from .lease import abandoned
+
+    runs = runs_with_fingerprint(client, experiment_id, fingerprint)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0], None, None
+    for run in runs:  # newest first
+        why = None
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            why = abandoned(run)
+            if why is None:
+                return None, run, None
+        local = find_checkpoint(client, run)
+        return None, None, Resumed(client, run, local, checkpoint_epoch(local) if local else 0, why)
+    return None, None, None
 
 
 def _experiment(cfg: DictConfig) -> tuple[Any, str, dict[str, str]]:
-    """The client, the experiment id and the sweep tags: the sweep's parent in a multirun."""
+    """The client, the experiment id and the sweep tag: the sweep's experiment in a multirun (its
+    parent run's tag is added when the job's run opens)."""
     uri = cfg.tracking.uri
     parent = parent_run()
     if parent is not None and parent.tracking_uri == uri:
         # The launching process found the store up: ride out a restart instead of failing the sweep.
         client = client_for(uri, patience=SERVER_PATIENCE_S)
-        return client, parent.experiment_id, {TAG_SWEEP: parent.sweep, TAG_PARENT: parent.parent_run_id}
+        return client, parent.experiment_id, {TAG_SWEEP: parent.sweep}
     client = client_for(uri)
     return client, ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location), {}
 
@@ -166,20 +238,27 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
         else:
             client, experiment_id, sweep_tags = _experiment(cfg)
         fp_tags = fingerprint_tags(cfg, files.digest())
-        done = None
+        done = busy = None
         if not cfg.force and resumed is None:
-            done = finished_run_with(client, experiment_id, fp_tags["fingerprint"])
+            done, busy, resumed = resolve(client, experiment_id, fp_tags["fingerprint"])
     return Job(cfg, clock, resumed, ctx, files, train_split, test_split, out_dir, list(overrides), client,
-               experiment_id, sweep_tags, fp_tags, done)
+               experiment_id, sweep_tags, fp_tags, done, busy)
 
 
 def skip(job: Job) -> dict[str, Any]:
-    """The job's point already has a FINISHED run: name it, on the sweep's parent too."""
+    """The job's point already has a FINISHED run, or one still training elsewhere: name it, on the
+    sweep's parent too."""
+    if job.busy is not None:
+        from .lease import HOST, PID
+
+        tags = job.busy.data.tags
+        job.log.warning("skipped: run %s of this config is still training (process %s on %s); it is left alone",
+                        job.busy.info.run_id, tags.get(PID, "?"), tags.get(HOST, "another host"))
+        return {"run_id": job.busy.info.run_id, "status": "RUNNING"}
     done = job.done
     job.log.info("skipped: run %s already FINISHED this config on this code and data "
                  "(force=true runs it again)", done.info.run_id)
-    if TAG_PARENT in job.sweep_tags:  # so the sweep's comparison still shows this point
-        job.client.set_tag(job.sweep_tags[TAG_PARENT], f"{TAG_REUSED}.{done.info.run_id}", "skipped")
+    note_reused(job.client, job.cfg.tracking.uri, done.info.run_id, "skipped")  # the comparison still shows it
     return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +24,8 @@ from ..ml import checkpoint
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
 from ..tracking.runlog import RunLog
-from ..tracking.tags import TAG_FAILURE, TAG_ROLE, command_line, environment_tags
+from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_ROLE, command_line, environment_tags
+from .lease import Heartbeat, holder_tags
 from .parent import mark_interrupted
 from .prepare import SERVER_PATIENCE_S, Job
 from .signals import JobSignals
@@ -32,13 +34,27 @@ from .signals import JobSignals
 def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = None, run_name: str | None = None
              ) -> "Recorder":
     """Create the job's MLflow run (status RUNNING), named run_name or by its overrides, or reopen the
-    run it resumes."""
+    stopped run it continues. Either way the run records this process as its holder."""
+    from .parent import note_reused, sweep_tags
+
     with job.clock("store"):
+        work_dir = job.out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
+        holder = {**holder_tags(), TAG_CHECKPOINT_DIR: str((work_dir / "checkpoint").resolve())}
         if job.resumed is not None:
             job.client.update_run(job.resumed.run.info.run_id, status="RUNNING")
             run = RunLog(job.client, job.resumed.run.info.run_id)
-            run.set_tags({"resumed.command": command_line(), **dict(extra_tags or {})})
+            notes = {"abandoned": job.resumed.abandoned} if job.resumed.abandoned else {}
+            before = job.resumed.run.info
+            if before.end_time:  # the time it spent stopped does not count as its wall time
+                gap = time.time() - before.end_time / 1000
+                notes["stopped_s"] = f"{float(job.resumed.run.data.tags.get('stopped_s', 0)) + max(0.0, gap):.2f}"
+            run.set_tags({"resumed.command": command_line(), **holder, **notes, **dict(extra_tags or {})})
             run.find_model(job.experiment_id)
+            current = sweep_tags(job.cfg.tracking.uri).get(TAG_PARENT)
+            if current and job.resumed.run.data.tags.get(TAG_PARENT) != current:  # a run of another sweep
+                note_reused(job.client, job.cfg.tracking.uri, run.run_id, "continued")
+            if job.resumed.abandoned:
+                job.log.warning("run %s was left RUNNING, but %s: continuing it", run.run_id, job.resumed.abandoned)
         else:
             tags = {
                 TAG_ROLE: "job",
@@ -49,27 +65,38 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **{f"data.sha256.{name}": h for name, h in job.files.sha256().items()},
                 **environment_tags(),
                 **job.fingerprint,
-                **job.sweep_tags,
+                **sweep_tags(job.cfg.tracking.uri),
+                **holder,
                 **dict(extra_tags or {}),
             }
-            run = RunLog.create(job.client, job.experiment_id,
-                                run_name or redact(",".join(job.overrides)) or "defaults", tags)
+            run = RunLog.create(job.client, job.experiment_id, run_name or run_name_of(job.overrides), tags)
             run.log_inputs(dataset_inputs(job.cfg.data.name, job.files,
                                           {"train": job.train_split, "test": job.test_split}))
             run.create_model(job.experiment_id)
-    return Recorder(job, run, signals)
+    return Recorder(job, run, signals, work_dir)
 
+
+def run_name_of(overrides: list[str]) -> str:
+    """What a run is, in its name: the overrides that change its numbers (never where things go)."""
+    from ..config import LOCATION_KEYS
+
+    def where(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return key.startswith("hydra") or any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS)
+
+    return redact(" ".join(o for o in overrides if not where(o))) or "defaults"
 
 
 class Recorder:
     """Everything one run writes while it trains and when it ends."""
 
-    def __init__(self, job: Job, run: RunLog, signals: JobSignals) -> None:
+    def __init__(self, job: Job, run: RunLog, signals: JobSignals, work_dir: Path) -> None:
         self.job, self.run, self.signals = job, run, signals
         self.log = job.log
+        self.heartbeat = Heartbeat()
         cfg = job.cfg
         remote = str(cfg.tracking.uri).startswith(("http://", "https://"))
-        self.work_dir = job.out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
+        self.work_dir = work_dir
         if remote:  # metrics wait here while the server is unreachable, and are sent when it is back
             run.spool = run.spool_file(self.work_dir)
         self.patience = SERVER_PATIENCE_S if remote else 0.0
@@ -93,22 +120,39 @@ class Recorder:
             self.close()
 
     def begin(self, train_acc: float, test_acc: float) -> None:
-        """Params, the resolved config and the untrained accuracies (step 0); none on resume."""
-        if self.job.resumed is not None:
-            return
-        cfg = self.job.cfg
+        """Params, the resolved config and the untrained accuracies (step 0). A run that starts over
+        in place logs only what it lacks, so no step appears twice."""
+        resumed, cfg = self.job.resumed, self.job.cfg
+        logged = self.run.client.get_run(self.run.run_id).data if resumed is not None else None
         with self.job.clock("logging"), self.signals.deferred():
-            self.run.log_params(flatten(cfg))
-            # The resolved config, from the start: reproduce and resume rebuild the run from it.
-            self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
-            self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
+            if logged is None or not logged.params:
+                self.run.log_params(flatten(cfg))
+                # The resolved config, from the start: reproduce and resume rebuild the run from it.
+                self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+            if logged is None or "test_acc" not in logged.metrics:
+                self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
         self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
 
+    def resume(self) -> None:
+        """A run continued from a checkpoint: log that checkpoint's epoch if the run lacks it (its
+        process was killed after writing the checkpoint, before its metrics)."""
+        epoch = self.job.resumed.epoch
+        have = {m.step for m in self.run.client.get_metric_history(self.run.run_id, "train_loss")}
+        kept = checkpoint.metrics_of(self.job.resumed.checkpoint)
+        if epoch not in have and kept:
+            with self.job.clock("logging"), self.signals.deferred():
+                self.run.log_metrics(epoch, kept)
+            self.log.info("logged epoch %d from its checkpoint (the run had its checkpoint, not its metrics)", epoch)
+
     def epoch(self, m, net, trainer, rng: np.random.Generator) -> None:
-        """One epoch's metrics and checkpoint, written together, never split by a signal."""
+        """One epoch's checkpoint and metrics, written together, never split by a signal (the
+        checkpoint first: it keeps the metrics too, for a process killed in between)."""
         with self.job.clock("logging"), self.signals.deferred():
+            checkpoint.save(self.ckpt_dir, m.epoch, net, trainer, rng, m.as_metrics())
             self.run.log_metrics(m.epoch, m.as_metrics())
-            checkpoint.save(self.ckpt_dir, m.epoch, net, trainer, rng)
+            beat = self.heartbeat.due()
+            if beat:
+                self.run.set_tags(beat)
         self.job.clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
         epochs = self.job.cfg.trainer.epochs
         self.log.info(

@@ -21,11 +21,13 @@ from .signals import JobSignals
 def stack_key(job: Job) -> tuple:
     """Jobs with equal keys see the same batch stream and can train as one stack: same data files,
     batch size, seed, epochs, context, scoring and divergence rule, model width and momentum (one
-    value per update kernel call). lr, sigma and wd vary freely inside a stack."""
+    value per update kernel call), and the same epochs already done (a continued job starts where its
+    checkpoint ends; its batch order is then the same generator state as its stack-mates'). lr,
+    sigma and wd vary freely inside a stack."""
     cfg = job.cfg
     return (job.files.digest(), cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, str(job.ctx),
             cfg.trainer.eval_batch_size, cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs,
-            cfg.optim.momentum)
+            cfg.optim.momentum, job.start_epoch)
 
 
 def objective(result: dict[str, Any]) -> float:
@@ -89,6 +91,9 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     if untrained is not None:
         for recorder, accs in zip(recorders, untrained):
             recorder.begin(*accs)
+    else:
+        for recorder in recorders:
+            recorder.resume()
 
     def on_nonfinite(member, reason: str) -> None:
         results[member.index] = recorders[member.index].nonfinite(reason)
@@ -116,17 +121,28 @@ def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d,
     from ..ml.training import Lone, evaluate, make_trainer
 
     cfg, job = jobs[0].cfg, jobs[0]
-    rng, start_epoch = np.random.default_rng(cfg.seed), 1
+    rng, start_epoch = np.random.default_rng(cfg.seed), job.start_epoch + 1
     if width is not None:
         specs = [MemberSpec(j.cfg.model.sigma, j.cfg.optim.lr, j.cfg.optim.momentum, j.cfg.optim.wd) for j in jobs]
-        stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed, width)
-        return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size), start_epoch, rng
+        states = []
+
+        def restore(member) -> None:
+            done, member_rng = checkpoint.load(jobs[member.index].resumed.checkpoint, member.net, member.trainer)
+            states.append(member_rng.bit_generator.state)
+
+        stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed, width, restore if start_epoch > 1 else None)
+        if start_epoch == 1:
+            return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size), start_epoch, rng
+        if any(state != states[0] for state in states):
+            raise ValueError("a stack's members continue from different batch orders (see stack_key)")
+        rng.bit_generator.state = states[0]
+        job.log.info("continuing %d runs of this stack after epoch %d", len(jobs), start_epoch - 1)
+        return stack, None, start_epoch, rng
     net = build_net(cfg.model.num_outputs, cfg.model.sigma, job.ctx, cfg.seed)
     trainer = make_trainer(net, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd)
     untrained = None
-    if job.resumed is not None:
+    if start_epoch > 1:
         done_epochs, rng = checkpoint.load(job.resumed.checkpoint, net, trainer)
-        start_epoch = done_epochs + 1
         job.log.info("resuming run %s after epoch %d", recorder.run.run_id, done_epochs)
     else:  # scored before Lone hybridizes the net, as every logged run's step 0 was
         untrained = [evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mxnet as mx
 from mxnet import gluon, nd
@@ -98,7 +98,9 @@ class Stack:
     scores_class = StackedScores  # the scoring block (a test swaps in a perturbed one)
 
     def __init__(self, specs: Sequence[MemberSpec], num_outputs: int, ctx: mx.Context, seed: int,
-                 width: int = 1) -> None:
+                 width: int = 1, restore: Callable[[Member], None] | None = None) -> None:
+        """restore(member), when given, loads a member's checkpoint into its net and Trainer once its
+        weights are rows of its group (before the stack takes hold of the Trainer's momentum)."""
         self.k, self.num_outputs, self.ctx = len(specs), num_outputs, ctx
         self.momentum = specs[0].momentum
         if any(spec.momentum != self.momentum for spec in specs):
@@ -121,6 +123,8 @@ class Stack:
                 rows = num_outputs
                 for j, p in enumerate(own):  # the member's arrays become its rows of the group's
                     _share(p, group_param.data()[j * rows : (j + 1) * rows], group_param.grad()[j * rows : (j + 1) * rows])
+        for m in self.members if restore is not None else ():
+            restore(m)
         self.block = StackedLoss(self.scores)
         self.block.hybridize(static_alloc=True)
         for m in self.members:  # each net's own graph (as Lone leaves a lone one), which net.export writes

@@ -4,6 +4,7 @@ starts (with the store and the experiment) and closes it at the end, with the sw
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import uuid
@@ -15,7 +16,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import check_known_keys, check_value, redact, validate
-from ..lifecycle.parent import ParentRun, forget_parent_run, interrupted, mark_interrupted
+from ..errors import ConfigError
+from ..lifecycle.lease import holder_tags
+from ..lifecycle.parent import (ParentRun, forget_parent_run, interrupted, mark_interrupted, note_reused, pending_reused,
+                               set_opener)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,94 @@ def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         swept[key] = values
-        for value in values:
-            check_value(key, value)
+        for i, value in enumerate(values):
+            try:
+                check_value(key, value)
+            except ConfigError as exc:
+                hint = decimal_comma_hint(values, i)
+                raise ConfigError(f"{exc} ({hint})" if hint else str(exc)) from None
     return swept
+
+
+def decimal_comma_hint(values: list[Any], i: int) -> str | None:
+    """`0,5` in a sweep list is 0 and 5: when values[i] is such a whole number followed by one digit,
+    the guess that a decimal point was typed as a comma."""
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    pairs = [(i, i + 1), (i - 1, i)]
+    for a, b in pairs:
+        if 0 <= a and b < len(values) and whole(values[a]) and whole(values[b]) and 0 <= values[b] <= 9:
+            return f"did you mean {values[a]}.{values[b]}? a sweep list is split at commas: write decimals with a point"
+    return None
+
+
+TAG_SWEEP_KEY = "sweep.key"
+TAG_CONTINUATIONS = "sweep.continuations"
+# Overrides that name where things go, or how jobs are launched, not which points a sweep trains.
+_NOT_THE_SWEEP = ("force", "resume", "hydra", "hydra/launcher")
+
+
+def sweep_key(config: DictConfig, overrides: list[str]) -> str:
+    """What makes two launches the same sweep: the overrides that choose its points (never where
+    things go, nor the launcher), the sweeper and its searched params, as one hash."""
+    import hashlib
+    import json
+
+    from ..config import LOCATION_KEYS
+
+    def counts(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.sweeper") or key == "hydra/sweeper":
+            return True
+        return not (key in _NOT_THE_SWEEP or key.startswith(("hydra.", "hydra/"))
+                    or any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS))
+
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    facts = {"overrides": sorted(o for o in overrides if counts(o)),
+             "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
+             "params": OmegaConf.to_container(params, resolve=True) if params is not None else None}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def continuable_parent(client, experiment_id: str, key: str):
+    """The newest parent run of this sweep key, when it did not finish (KILLED, FAILED, or RUNNING with
+    its process gone): the sweep this launch continues. A sweep still running elsewhere is refused."""
+    from ..errors import ConfigError
+    from ..lifecycle.lease import abandoned
+    from ..tracking.queries import MAX_RESULTS, runs_filter
+
+    found = client.search_runs([experiment_id], f"{runs_filter('sweep')} and tags.`{TAG_SWEEP_KEY}` = '{key}'",
+                               order_by=["attributes.start_time DESC"], max_results=min(MAX_RESULTS, 10))
+    if not found or found[0].info.status == "FINISHED":
+        return None
+    newest = found[0]
+    if newest.info.status == "RUNNING" and abandoned(newest) is None:
+        raise ConfigError(f"this sweep is running now (parent run {newest.info.run_id}, process "
+                          f"{newest.data.tags.get('process.pid', '?')} on {newest.data.tags.get('process.host', '?')}): "
+                          "wait for it to end, or stop it, then run the command again")
+    return newest
+
+
+def reopen_parent(client, previous, tags: dict[str, str]) -> str:
+    """Set a stopped sweep's parent RUNNING again, one continuation more, said in its description."""
+    run_id = previous.info.run_id
+    old = previous.data.tags
+    n = int(old.get(TAG_CONTINUATIONS, "0")) + 1
+    note = old.get("mlflow.note.content", "")
+    line = (f"- continuation {n}, {datetime.now():%Y-%m-%d %H:%M:%S}: after it ended {previous.info.status}, "
+            f"`{tags['command']}`")
+    note = (note + "\n" if note else "This sweep was stopped and continued:\n") + line
+    client.update_run(run_id, status="RUNNING")
+    keep = {k: v for k, v in tags.items() if k not in ("hydra.sweep.dir",)}
+    for k, v in {**keep, TAG_CONTINUATIONS: str(n), "mlflow.note.content": note,
+                 f"hydra.sweep.dir.{n}": tags["hydra.sweep.dir"]}.items():
+        client.set_tag(run_id, k, v)
+    return run_id
+
+
+def in_process_launcher(config: DictConfig) -> bool:
+    """Whether the launcher runs every job in this process (then the parent opens with the first run)."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    return target.endswith(("StackedLauncher", "BasicLauncher"))
 
 
 class SweepTracking(Callback):
@@ -79,6 +168,7 @@ class SweepTracking(Callback):
         self._experiment = ""
         self._output: str | None = None
         self._register: str | None = None
+        self._continued = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns an exception raised in a callback into a warning and launches the jobs
@@ -93,7 +183,7 @@ class SweepTracking(Callback):
 
         from ..tracking.runlog import RunLog
         from ..tracking.store import client_for, ensure_experiment
-        from ..tracking.tags import TAG_ROLE, TAG_SWEEP, command_line, context_tags, git_state
+        from ..tracking.tags import TAG_REUSED, TAG_ROLE, TAG_SWEEP, command_line, context_tags, git_state
         from .stopping import install as install_signal_handlers, stop_workers
 
         if not HydraConfig.initialized():  # so that ${hydra:runtime.cwd} resolves here too
@@ -113,67 +203,99 @@ class SweepTracking(Callback):
             from .stopping import shield_submitit_controllers
 
             shield_submitit_controllers()
-        sweep = new_sweep_id()
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
-        parent = RunLog.create(
-            client,
-            experiment_id,
-            run_name=f"sweep {sweep}",
-            tags={
-                TAG_SWEEP: sweep,
-                TAG_ROLE: "sweep",
-                "hydra.overrides": redact(" ".join(overrides)),
-                "hydra.sweep.dir": str(config.hydra.sweep.dir),
-                "command": command_line(),
-                **git_state(),
-                **context_tags(),
-            },
-        )
+        key = sweep_key(config, overrides)
+        previous = continuable_parent(client, experiment_id, key)
+        sweep = previous.data.tags[TAG_SWEEP] if previous is not None else new_sweep_id()
         self._client = client
         self._experiment = config.tracking.experiment
         self._register = OmegaConf.select(config, "tracking.register")
         self._output = str(config.hydra.sweep.dir)
-        self._parent = ParentRun(sweep, uri, experiment_id, parent.run_id)
+        self._parent = ParentRun(sweep, uri, experiment_id)
         self._parent.hand_down()
+        tags = {TAG_SWEEP: sweep, TAG_ROLE: "sweep", TAG_SWEEP_KEY: key, "hydra.overrides": redact(" ".join(overrides)),
+                "hydra.overrides.json": redact(json.dumps(overrides)),
+                "hydra.sweep.dir": str(config.hydra.sweep.dir), "command": command_line(), **git_state(),
+                **context_tags(), **holder_tags()}
+
+        def open_parent() -> ParentRun:
+            """Create the parent run, or reopen the stopped one this launch continues (the first time a run needs it)."""
+            assert self._parent is not None
+            if self._parent.parent_run_id:
+                return self._parent
+            if previous is not None:
+                run_id = reopen_parent(client, previous, tags)
+                self._continued = True
+            else:
+                run_id = RunLog.create(client, experiment_id, run_name=f"sweep {sweep}", tags=tags).run_id
+            self._parent = ParentRun(sweep, uri, experiment_id, run_id)
+            self._parent.hand_down()
+            for reused, how in pending_reused().items():
+                client.set_tag(run_id, f"{TAG_REUSED}.{reused}", how)
+            log.info("sweep %s: %s run %s in experiment %s", sweep, "continued, parent" if previous else "parent",
+                     run_id, config.tracking.experiment)
+            return self._parent
+
+        set_opener(open_parent)
         atexit.register(lambda: self._close("KILLED" if interrupted() else "FAILED"))
 
         def first_signal(signum: int) -> None:
             mark_interrupted()
-            if self._parent is not None:
+            if self._parent is not None and self._parent.parent_run_id:
                 stop_workers(self._client, self._parent.experiment_id, self._parent.parent_run_id)
 
         install_signal_handlers(first_signal)
-        log.info("sweep %s: parent run %s in experiment %s", sweep, parent.run_id, config.tracking.experiment)
+        if not in_process_launcher(config):  # jobs in other processes find it open
+            open_parent()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._parent is not None:
-            self._say_if_all_skipped(self._parent)
-        if self._compare and self._summary is not None and self._parent is not None:
-            self._summarize(self._parent)
+        if self._parent is not None and not self._parent.parent_run_id:
+            self._say_nothing_trained()
+        elif self._parent is not None and not self._drop_if_empty(self._parent):
+            if self._compare and self._summary is not None:
+                self._summarize(self._parent)
         self._close("FINISHED")
 
-    def _say_if_all_skipped(self, ctx: ParentRun) -> None:
-        """A relaunched sweep whose every point had a FINISHED run trains nothing: its parent says so
-        in its name and its description, with a link to each run it stands for."""
-        from ..tracking.links import run_url
+    def _say_nothing_trained(self) -> None:
+        """A launch that trained nothing opened no parent run: say where its points' runs are."""
+        from ..tracking.tags import TAG_PARENT, TAG_SWEEP
+
+        reused = pending_reused()
+        holders = set()
+        for run_id in reused:
+            try:
+                tags = self._client.get_run(run_id).data.tags
+            except Exception:
+                tags = {}
+            if TAG_SWEEP in tags:
+                holders.add(f"sweep {tags[TAG_SWEEP]} (parent run {tags.get(TAG_PARENT, '?')})")
+            else:
+                holders.add(f"run {run_id}")
+        if reused:
+            log.info("nothing to train: all %d points have FINISHED runs already, in %s (force=true trains them "
+                     "again); no new sweep was recorded", len(reused), ", ".join(sorted(holders)))
+        else:
+            log.info("nothing was trained, and no sweep was recorded")
+
+    def _drop_if_empty(self, ctx: ParentRun) -> bool:
+        """A parent opened before its jobs ran (their processes are elsewhere) that no run of this
+        launch joined: a launch that trained nothing records no sweep, so it is deleted again."""
         from ..tracking.queries import job_runs
-        from ..tracking.tags import TAG_REUSED
 
         try:
-            tags = self._client.get_run(ctx.parent_run_id).data.tags
-            reused = sorted(k.split(".", 1)[1] for k in tags if k.startswith(f"{TAG_REUSED}."))
-            if not reused or job_runs(self._client, [ctx.experiment_id], parent=ctx.parent_run_id, max_results=1):
-                return
-            self._client.set_tag(ctx.parent_run_id, "mlflow.runName",
-                                 f"sweep {ctx.sweep} (all {len(reused)} points skipped)")
-            links = "\n".join(f"- [{rid}]({run_url(ctx.tracking_uri, ctx.experiment_id, rid)})" for rid in reused)
-            self._client.set_tag(ctx.parent_run_id, "mlflow.note.content",
-                                 f"All {len(reused)} points of this sweep had FINISHED runs already, so nothing "
-                                 f"was trained (force=true trains them again). Their runs:\n{links}")
-            log.info("sweep %s: all %d points had FINISHED runs already; nothing was trained (force=true "
-                     "trains them again)", ctx.sweep, len(reused))
-        except Exception as exc:  # a note must not fail the sweep
-            log.warning("could not describe sweep %s: %s", ctx.sweep, exc)
+            if self._continued or job_runs(self._client, [ctx.experiment_id], parent=ctx.parent_run_id, max_results=1):
+                return False
+            reused = [k.split(".", 1)[1] for k in self._client.get_run(ctx.parent_run_id).data.tags
+                      if k.startswith("reused.")]
+            self._client.delete_run(ctx.parent_run_id)
+        except Exception as exc:  # a tidy-up must not fail the sweep
+            log.warning("could not check sweep %s for runs: %s", ctx.sweep, exc)
+            return False
+        self._parent = ParentRun(ctx.sweep, ctx.tracking_uri, ctx.experiment_id)
+        for run_id in reused:
+            note_reused(self._client, ctx.tracking_uri, run_id, "skipped")
+        self._say_nothing_trained()
+        return True
 
     def _summarize(self, ctx: ParentRun) -> None:
         try:
@@ -188,6 +310,8 @@ class SweepTracking(Callback):
             return
         ctx, self._parent = self._parent, None
         forget_parent_run()
+        if not ctx.parent_run_id:  # never opened: nothing of this launch is in the store
+            return
         try:
             if status != "FINISHED":  # jobs whose processes died, or that a launcher killed
                 from .stopping import end_orphaned_runs, terminate_descendants

@@ -39,8 +39,35 @@ def sweep_parents(client, experiment_id: str, sweep: str | None = None) -> list:
                               order_by=["attributes.start_time DESC"], max_results=MAX_RESULTS)
 
 
-def finished_run_with(client, experiment_id: str, fingerprint: str):
-    """A FINISHED run of the experiment with this fingerprint, or None (a relaunched sweep skips its job)."""
-    runs = client.search_runs([experiment_id], runs_filter(None, fingerprint=fingerprint, status="FINISHED"),
-                              max_results=1)
-    return runs[0] if runs else None
+def runs_with_fingerprint(client, experiment_id: str, fingerprint: str) -> list:
+    """The job runs of the experiment with this fingerprint (the same config, code and data), in any
+    status, newest first: what a relaunched point finds of itself."""
+    return client.search_runs([experiment_id], runs_filter("job", fingerprint=fingerprint),
+                              order_by=["attributes.start_time DESC"], max_results=100)
+
+
+MIN_PREFIX = 6
+
+
+def run_by_id(client, run_id: str, what: str, where: str):
+    """The run whose id is run_id or begins with it (6 characters or more, as the tables print 8),
+    in any experiment of the store; one line naming the candidates when the prefix is ambiguous.
+    `what` and `where` name the argument and the store (with how to fix it) in the messages."""
+    import re
+
+    from ..errors import ConfigError
+
+    run_id = run_id.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{%d,32}" % MIN_PREFIX, run_id):
+        raise ConfigError(f"{what}: a run id is 32 hex digits, or a unique prefix of {MIN_PREFIX} or more "
+                          "(the tables print 8)")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"attributes.run_id LIKE '{run_id}%'", max_results=11) if experiments else []
+    if not found:
+        raise ConfigError(f"{what}: no such run in {where}" if len(run_id) == 32 else
+                          f"{what}: no run id begins with {run_id} in {where}")
+    if len(found) > 1:
+        names = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in found[:10])
+        raise ConfigError(f"{what}: {len(found)}{'+' if len(found) > 10 else ''} runs begin with {run_id}: {names}; "
+                          "give more of the id")
+    return found[0]

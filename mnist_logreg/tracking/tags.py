@@ -18,6 +18,9 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_FAILURE = "failure"
 # On a sweep's parent run, `reused.<run id>` names a FINISHED run a skipped job stood for.
 TAG_REUSED = "reused"
+# Where a run keeps its per-epoch checkpoints while it trains (a relaunch looks there when a
+# killed process uploaded none).
+TAG_CHECKPOINT_DIR = "checkpoint.dir"
 
 
 @functools.lru_cache(maxsize=1)
