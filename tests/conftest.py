@@ -85,12 +85,13 @@ def digit_splits():
     return to_device(as_split(~test), mx.cpu()), to_device(as_split(test), mx.cpu())
 
 
-def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """`python run.py ARGS` started in cwd, its stdout and stderr merged, read with `signal_when`."""
+def start_cli(args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """`python run.py ARGS` started in cwd, its stdout and stderr merged, read with `signal_when`
+    (new_session: as a terminal starts it, leader of its own process group)."""
     full_env = {**os.environ, "MNIST_LOGREG_CACHE": str(cwd / "cache"), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
 
 
 def signal_when(proc: subprocess.Popen, pattern: str, sig: int | None, timeout: float = 120, before=None) -> str:
