@@ -9,10 +9,14 @@ scan runs this module outside sys.modules, where dataclasses cannot resolve stri
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from typing import Any, Dict, List
+
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig
 
 
@@ -26,7 +30,21 @@ class StackedLauncherConf:
     max_stack: int = 32
 
 
+@dataclass
+class StackedSlurmLauncherConf(SlurmQueueConf):
+    """`hydra/launcher=slurm` (conf/hydra/launcher/slurm.yaml): one Slurm array task per stack."""
+
+    _target_: str = "hydra_plugins.mnist_logreg_stacked.StackedSlurmLauncher"
+    # false: one array task per job, as hydra-submitit-launcher submits them
+    stack: bool = True
+    max_stack: int = 32
+    # Requeues after a time limit (Slurm's warning signal, USR2, comes signal_delay_s before it).
+    max_num_timeout: int = 3
+
+
 ConfigStore.instance().store(group="hydra/launcher", name="stacked", node=StackedLauncherConf,
+                             provider="mnist_logreg")
+ConfigStore.instance().store(group="hydra/launcher", name="stacked_slurm", node=StackedSlurmLauncherConf,
                              provider="mnist_logreg")
 
 
@@ -50,5 +68,27 @@ class StackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mnist_logreg.sweep.launcher import launch
+
+        return launch(self, job_overrides, initial_job_idx)
+
+
+class StackedSlurmLauncher(SlurmLauncher):
+    """Jobs that share a batch stream train as one Slurm array task per stack (submitit), each job with
+    its own MLflow run; preempted or timed-out tasks requeue and continue their runs in place."""
+
+    def __init__(self, stack: bool = True, max_stack: int = 32, **params: Any) -> None:
+        from mnist_logreg.sweep.launcher import check_max_stack
+
+        super().__init__(**params)
+        self.stack, self.max_stack = bool(stack), check_max_stack(max_stack)
+        self.stacks_trained = 0
+
+    def __call__(self, members: List[Any], singleton_state: Dict[Any, Any]) -> List[JobReturn]:  # type: ignore[override]
+        from mnist_logreg.sweep.slurm import run_task
+
+        return run_task(self, members, singleton_state)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mnist_logreg.sweep.slurm import launch
 
         return launch(self, job_overrides, initial_job_idx)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Any, Iterator
+
+
+def stop_signals() -> tuple[int, ...]:
+    """Ctrl-C and SIGTERM; in a Slurm task also SIGUSR2, Slurm's warning before a preemption or a
+    time limit (the task then ends its runs KILLED and requeues itself, see sweep.slurm)."""
+    usr2 = (signal.SIGUSR2,) if os.environ.get("SLURM_JOB_ID") else ()
+    return (signal.SIGINT, signal.SIGTERM, *usr2)
 
 
 class JobSignals:
@@ -26,7 +34,7 @@ class JobSignals:
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:

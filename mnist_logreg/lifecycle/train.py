@@ -18,16 +18,19 @@ from .recorder import Recorder, open_run
 from .signals import JobSignals
 
 
-def stack_key(job: Job) -> tuple:
-    """Jobs with equal keys see the same batch stream and can train as one stack: same data files,
-    batch size, seed, epochs, context, scoring and divergence rule, model width and momentum (one
-    value per update kernel call), and the same epochs already done (a continued job starts where its
+def batch_stream(cfg, data_digest: str, device: str, start_epoch: int) -> tuple:
+    """What jobs must share to train as one stack, from their config: the same data files, batch
+    size, seed, epochs, device, scoring and divergence rule, model width and momentum (one value per
+    update kernel call), and the same epochs already done (a continued job starts where its
     checkpoint ends; its batch order is then the same generator state as its stack-mates'). lr,
     sigma and wd vary freely inside a stack."""
-    cfg = job.cfg
-    return (job.files.digest(), cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, str(job.ctx),
-            cfg.trainer.eval_batch_size, cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs,
-            cfg.optim.momentum, job.start_epoch)
+    return (data_digest, cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, device, cfg.trainer.eval_batch_size,
+            cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs, cfg.optim.momentum, start_epoch)
+
+
+def stack_key(job: Job) -> tuple:
+    """A prepared job's batch stream (jobs with equal keys train as one stack)."""
+    return batch_stream(job.cfg, job.files.digest(), str(job.ctx), job.start_epoch)
 
 
 def objective(result: dict[str, Any]) -> float:

@@ -151,9 +151,10 @@ def reopen_parent(client, previous, tags: dict[str, str]) -> str:
 
 
 def in_process_launcher(config: DictConfig) -> bool:
-    """Whether the launcher runs every job in this process (then the parent opens with the first run)."""
+    """Whether the launcher opens the parent itself when its first run needs it: it runs every job in
+    this process (stacked, basic), or opens it just before it submits (the stacked Slurm launcher)."""
     target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
-    return target.endswith(("StackedLauncher", "BasicLauncher"))
+    return target.endswith(("StackedLauncher", "BasicLauncher", "StackedSlurmLauncher"))
 
 
 class SweepTracking(Callback):
@@ -189,7 +190,8 @@ class SweepTracking(Callback):
         if not HydraConfig.initialized():  # so that ${hydra:runtime.cwd} resolves here too
             HydraConfig.instance().set_config(config)
         swept = validate_sweep(config)
-        if "gpu" in swept.get("context", []) + [config.context.device]:
+        on_cluster = "slurm" in str(OmegaConf.select(config, "hydra.launcher._target_") or "").lower()
+        if "gpu" in swept.get("context", []) + [config.context.device] and not on_cluster:  # a login node has none
             from ..ml.model import make_context
 
             make_context("gpu", config.context.index)  # no GPU: stop before the first job

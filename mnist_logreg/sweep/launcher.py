@@ -105,11 +105,13 @@ def check_max_stack(max_stack: Any) -> int:
     return max_stack
 
 
-def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+           numbers: Sequence[int] | None = None, extra_tags: dict[str, str] | None = None) -> Sequence[JobReturn]:
     """Start every job through Hydra's run_job in a greenlet, train the ones that joined as stacks
     (grouped by stack_key, at most launcher.max_stack each), then let each joined job end.
 
-    launcher: the Hydra plugin, set up (config, hydra_context, task_function)."""
+    launcher: the Hydra plugin, set up (config, hydra_context, task_function); numbers: the jobs'
+    numbers (default initial_job_idx onwards); extra_tags: on every run (a Slurm task's own)."""
     from ..lifecycle.gathering import Gathering
     from ..lifecycle.parent import parent_run
     from ..lifecycle.train import stack_key, train_jobs
@@ -133,7 +135,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     try:
         for i, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + i
+            idx = numbers[i] if numbers is not None else initial_job_idx + i
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
             with open_dict(sweep_config):
@@ -157,9 +159,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             launcher.stacks_trained += 1
             name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
             jobs = [joined[i].job for i in chunk]
-            together = (f"stack {name}: jobs {job_numbers([initial_job_idx + i for i in chunk])} together "
-                        f"(batch size {jobs[0].cfg.data.batch_size})")
-            results = train_jobs(jobs, name, on_stack=lambda products: log.info("%s, %s", together, products))
+            nums = [int(configs[i].hydra.job.num) for i in chunk]
+            together = f"stack {name}: jobs {job_numbers(nums)} together (batch size {jobs[0].cfg.data.batch_size})"
+            results = train_jobs(jobs, name, extra_tags=extra_tags,
+                                 on_stack=lambda products: log.info("%s, %s", together, products))
             for i, result in zip(chunk, results):
                 HydraConfig.instance().set_config(configs[i])  # as run_job had it while the task ran
                 if configs[i].hydra.job.chdir:

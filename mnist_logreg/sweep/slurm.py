@@ -1,0 +1,260 @@
+"""The Slurm launcher's work (`hydra/launcher=slurm`): a sweep's jobs grouped into stacks as the
+default launcher groups them, one array task per stack, submitted with submitit.
+
+In the launching process each job's point is decided from the store alone (its fingerprint from the
+config, the code and the data files' hashes; no data is loaded and no device opened, so a login node
+without the nodes' GPU can submit): FINISHED points are skipped, and the others are grouped by their
+batch stream. On the node, a task runs its jobs through the stacked launcher's own code
+(`sweep.launcher.launch`): each job's Hydra run_job and task function, its own run, log, checkpoints
+and artifacts, and a width probe on the node's own CPU. Slurm's warning signal (USR2, before a
+preemption or a time limit) ends the task's runs KILLED with their checkpoints, and the task
+requeues itself; the requeued task continues every run in place (the same resume-in-place as a
+relaunched sweep). The launching process polls the array, prints one line when a task ends other
+than COMPLETED, and cancels the array on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ..errors import HarnessError
+
+log = logging.getLogger(__name__)
+POLL_S = 3.0
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+               "BOOT_FAIL", "DEADLINE", "REVOKED"}
+NO_CLUSTER_FIX = ("point SLURM_CONF at your cluster's slurm.conf, or start a throwaway single-node one: "
+                  "python -m mnist_logreg.services.slurm")
+
+
+class ClusterError(HarnessError):
+    """Slurm is absent or refused the sweep, or its tasks did not complete."""
+
+
+def check_cluster() -> None:
+    """Slurm answers here, or one line saying how to point at a cluster."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise ClusterError(f"hydra/launcher=slurm: no Slurm commands on this machine (sbatch not found): {NO_CLUSTER_FIX}")
+    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["sinfo failed"])[-1]
+        raise ClusterError(f"hydra/launcher=slurm: Slurm does not answer ({why}): {NO_CLUSTER_FIX}")
+
+
+def slurm_tags() -> dict[str, str]:
+    """A Slurm task's own tags for its runs: the job id as squeue and sacct print it, node, log, requeues."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    array = env.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else env["SLURM_JOB_ID"]
+    tags = {"slurm.job_id": job_id, "slurm.node": env.get("SLURMD_NODENAME", ""),
+            "slurm.requeues": env.get("SLURM_RESTART_COUNT", "0")}
+    try:
+        import submitit
+
+        tags["slurm.log"] = str(submitit.JobEnvironment().paths.stdout)
+    except Exception:  # not started by submitit
+        pass
+    return tags
+
+
+def _plan(cfg: DictConfig) -> tuple[Any, tuple, Any]:
+    """(a FINISHED or busy run of this point, or None; its batch stream; the store's client), from
+    the store and the config alone."""
+    from ..config import check_known_keys, validate
+    from ..lifecycle.prepare import _experiment, resolve
+    from ..lifecycle.train import batch_stream
+    from ..ml.data import locate
+    from ..tracking.fingerprint import fingerprint_tags
+
+    validate(cfg)
+    check_known_keys(cfg)
+    if cfg.resume:  # its own task: the node resolves it
+        return None, ("resume", str(cfg.resume)), None
+    d = cfg.data
+    files = locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors), dict(d.md5), timeout=d.download_timeout)
+    client, experiment_id, _ = _experiment(cfg)
+    fingerprint = fingerprint_tags(cfg, files.digest())["fingerprint"]
+    done = busy = resumed = None
+    if not cfg.force:
+        done, busy, resumed = resolve(client, experiment_id, fingerprint)
+    start = resumed.epoch if resumed is not None and resumed.checkpoint is not None else 0
+    device = f"{cfg.context.device}({cfg.context.index})"
+    return done or busy, batch_stream(cfg, files.digest(), device, start), client
+
+
+def _skipped(sweep_config: DictConfig, run, client) -> JobReturn:
+    from ..lifecycle.parent import note_reused
+
+    task_cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+    log.info("\tskipped: run %s (%s) already did this point", run.info.run_id, run.info.status)
+    if run.info.status == "FINISHED":
+        note_reused(client, str(task_cfg.tracking.uri), run.info.run_id, "skipped")
+    ret = JobReturn(overrides=list(sweep_config.hydra.overrides.task), cfg=task_cfg, hydra_cfg=sweep_config,
+                    working_dir=os.getcwd(), task_name=str(sweep_config.hydra.job.name))
+    ret.return_value, ret.status = run.data.metrics.get("test_acc", float("nan")), JobStatus.COMPLETED
+    return ret
+
+
+def _failed(sweep_config: DictConfig, exc: BaseException) -> JobReturn:
+    ret = JobReturn(overrides=list(sweep_config.hydra.overrides.task), cfg=sweep_config, hydra_cfg=sweep_config,
+                    working_dir=os.getcwd(), task_name=str(sweep_config.hydra.job.name))
+    ret.return_value, ret.status = exc, JobStatus.FAILED
+    return ret
+
+
+def executor_for(launcher: Any, gpu: bool):
+    """submitit's Slurm executor with the launcher's parameters (hydra.launcher.*)."""
+    import submitit
+
+    params = dict(launcher.params)
+    folder = params.pop("submitit_folder")
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout", 3))
+    common = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+              "stderr_to_stdout"}
+    if gpu and not params.get("gpus_per_node"):
+        params["gpus_per_node"] = 1  # context=gpu asks Slurm for a GPU
+    executor.update_parameters(**{k if k in common else f"slurm_{k}": v for k, v in params.items()
+                                  if v is not None and k not in ("_target_",)})
+    return executor
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    """Decide each point, submit one array task per stack, wait for the array, return every JobReturn."""
+    from ..lifecycle.parent import ensure_parent_run
+    from .launcher import plan_stacks
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    check_cluster()
+    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    returns: dict[int, JobReturn] = {}
+    keys: list[Any] = []
+    members: list[tuple[int, list[str]]] = []
+    gpu = False
+    saved = HydraConfig.instance().cfg
+    for i, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + i
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
+        HydraConfig.instance().set_config(sweep_config)  # so that ${hydra:...} resolves
+        task_cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        members.append((idx, list(overrides)))
+        keys.append(None)
+        try:
+            with read_write(task_cfg):
+                OmegaConf.resolve(task_cfg)
+            found, key, client = _plan(task_cfg)
+        except HarnessError as exc:
+            log.error("\t#%d refused: %s", idx, exc)
+            returns[i] = _failed(sweep_config, exc)
+            continue
+        finally:
+            HydraConfig.instance().cfg = saved
+        gpu = gpu or task_cfg.context.device == "gpu"
+        if found is not None:
+            returns[i] = _skipped(sweep_config, found, client)
+        else:
+            keys[i] = key
+    stacks = plan_stacks(keys, launcher.max_stack if launcher.stack else 1)
+    if not stacks:
+        return [returns[i] for i in range(len(job_overrides))]
+    ensure_parent_run()
+    executor = executor_for(launcher, gpu)
+    state = Singleton.get_state()
+    try:
+        jobs = executor.map_array(launcher, [[members[i] for i in stack] for stack in stacks], [state] * len(stacks))
+    except Exception as exc:  # sbatch refused: Slurm's own message
+        text = str(exc).replace("\n", " ")
+        said = [part for part in text.split("sbatch: ") if "error" in part or "fatal" in part]
+        raise ClusterError(f"Slurm refused the array: {(said[-1] if said else text)[:300].strip()}; check "
+                           "hydra.launcher.partition, mem_gb, timeout_min and cpus_per_task") from None
+    array = jobs[0].job_id.split("_")[0]
+    log.info("submitted Slurm array %s: %d task%s (%s); watch it with squeue -j %s, stop it with scancel %s",
+             array, len(jobs), "" if len(jobs) == 1 else "s", "one per stack" if launcher.stack else "one per job",
+             array, array)
+    states = wait_for(jobs, array)
+    problems = []
+    for job, stack, final in zip(jobs, stacks, states):
+        if final == "COMPLETED":
+            for i, ret in zip(stack, job.results()[0]):
+                returns[i] = ret
+        else:
+            problems.append((job.job_id, final, stack))
+            for i in stack:
+                returns[i] = _failed(launcher.hydra_context.config_loader.load_sweep_config(
+                    launcher.config, members[i][1]), ClusterError(f"Slurm task {job.job_id} ended {final}"))
+    if problems:
+        raise ClusterError(_what_became(problems, states))
+    return [returns[i] for i in range(len(job_overrides))]
+
+
+def wait_for(jobs: list, array: str) -> list[str]:
+    """Poll the array until every task has ended; Ctrl-C or SIGTERM cancels it (then waits for its
+    tasks to end their runs, up to 60 s) and stops."""
+    from ..lifecycle.parent import mark_interrupted
+
+    try:
+        while True:
+            states = [_state(job) for job in jobs]
+            if all(s in DONE_STATES for s in states):
+                return states
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        mark_interrupted()
+        log.info("cancelling Slurm array %s; its runs end KILLED with their metrics and checkpoints", array)
+        subprocess.run(["scancel", array], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(_state(job) in DONE_STATES for job in jobs):
+            time.sleep(1)
+        raise
+
+
+def _state(job) -> str:
+    state = job.watcher.get_state(job.job_id, mode="force")
+    return str(state).split()[0].upper().rstrip("+")
+
+
+def _what_became(problems: list, states: list[str]) -> str:
+    from ..lifecycle.parent import mark_interrupted
+
+    if any(final == "CANCELLED" for _, final, _ in problems):
+        mark_interrupted()  # the parent ends KILLED
+    told = "; ".join(f"task {job_id} {final} ({len(stack)} job{'s' if len(stack) > 1 else ''})"
+                     for job_id, final, stack in problems)
+    return (f"Slurm: {told}; their runs ended KILLED or FAILED with their metrics and last checkpoint, and the "
+            "sweep's other tasks finished: run the same command again to continue what did not finish")
+
+
+def run_task(launcher: Any, members: list[tuple[int, list[str]]], singleton_state: dict) -> list[JobReturn]:
+    """On the node: this stack's jobs through the stacked launcher's code, tagged with the task's
+    Slurm ids. Slurm's warning signal ends the runs KILLED; the task then requeues itself (submitit
+    calls launcher.checkpoint, which resubmits these same members: they continue in place)."""
+    from .launcher import launch as launch_stacked
+
+    usr2 = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint and requeue, then exit
+    Singleton.set_state(singleton_state)
+    setup_globals()
+    try:
+        return list(launch_stacked(launcher, [o for _, o in members], 0, numbers=[n for n, _ in members],
+                                   extra_tags=slurm_tags()))
+    except KeyboardInterrupt as stop:
+        if str(stop) == f"signal {int(signal.SIGUSR2)}" and callable(usr2):
+            log.warning("Slurm's warning signal: runs ended KILLED with their checkpoints; requeueing this task")
+            usr2(signal.SIGUSR2, None)
+        raise
