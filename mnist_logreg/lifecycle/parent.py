@@ -56,6 +56,21 @@ def set_opener(opener: Callable[[], ParentRun]) -> None:
     _opener = opener
 
 
+_discarder: Callable[[], None] | None = None
+
+
+def set_discarder(discarder: Callable[[], None]) -> None:
+    """How this process takes back a parent run it opened for a launch that then trained nothing."""
+    global _discarder
+    _discarder = discarder
+
+
+def discard_parent_run() -> None:
+    """Take back the parent run this launch opened (its submission was refused): no sweep is recorded."""
+    if _discarder is not None:
+        _discarder()
+
+
 def ensure_parent_run() -> ParentRun | None:
     """The sweep's parent run, opened now if this process holds its opener and it is not open yet."""
     parent = parent_run()

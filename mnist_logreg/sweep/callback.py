@@ -19,7 +19,7 @@ from ..config import check_known_keys, check_value, redact, validate
 from ..errors import ConfigError
 from ..lifecycle.lease import holder_tags
 from ..lifecycle.parent import (ParentRun, forget_parent_run, interrupted, mark_interrupted, note_reused, pending_reused,
-                               set_opener)
+                               set_discarder, set_opener)
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,15 @@ class SweepTracking(Callback):
                      run_id, config.tracking.experiment)
             return self._parent
 
+        def discard_parent() -> None:
+            """Delete the parent this launch created (nothing joined it); a continued one stays."""
+            if self._parent is not None and self._parent.parent_run_id and not self._continued:
+                client.delete_run(self._parent.parent_run_id)
+                self._parent = ParentRun(sweep, uri, experiment_id)
+                self._parent.hand_down()
+
         set_opener(open_parent)
+        set_discarder(discard_parent)
         atexit.register(lambda: self._close("KILLED" if interrupted() else "FAILED"))
 
         def first_signal(signum: int) -> None:

@@ -15,11 +15,13 @@ than COMPLETED, and cancels the array on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,7 +49,13 @@ def check_cluster() -> None:
     """Slurm answers here, or one line saying how to point at a cluster."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         raise ClusterError(f"hydra/launcher=slurm: no Slurm commands on this machine (sbatch not found): {NO_CLUSTER_FIX}")
-    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not Path(conf).is_file():  # Slurm would then look for a configuration server in DNS, for a minute
+        raise ClusterError(f"hydra/launcher=slurm: no Slurm configuration at {conf}: {NO_CLUSTER_FIX}")
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"hydra/launcher=slurm: Slurm did not answer within 30 s: {NO_CLUSTER_FIX}") from None
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["sinfo failed"])[-1]
         raise ClusterError(f"hydra/launcher=slurm: Slurm does not answer ({why}): {NO_CLUSTER_FIX}")
@@ -134,7 +142,7 @@ def executor_for(launcher: Any, gpu: bool):
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """Decide each point, submit one array task per stack, wait for the array, return every JobReturn."""
-    from ..lifecycle.parent import ensure_parent_run
+    from ..lifecycle.parent import discard_parent_run, ensure_parent_run
     from .launcher import plan_stacks
 
     setup_globals()
@@ -177,13 +185,20 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     ensure_parent_run()
     executor = executor_for(launcher, gpu)
     state = Singleton.get_state()
-    try:
-        jobs = executor.map_array(launcher, [[members[i] for i in stack] for stack in stacks], [state] * len(stacks))
-    except Exception as exc:  # sbatch refused: Slurm's own message
-        text = str(exc).replace("\n", " ")
-        said = [part for part in text.split("sbatch: ") if "error" in part or "fatal" in part]
-        raise ClusterError(f"Slurm refused the array: {(said[-1] if said else text)[:300].strip()}; check "
-                           "hydra.launcher.partition, mem_gb, timeout_min and cpus_per_task") from None
+    with _stderr_kept() as said:  # sbatch writes its refusal there; it is said once, below
+        try:
+            jobs = executor.map_array(launcher, [[members[i] for i in stack] for stack in stacks],
+                                      [state] * len(stacks))
+        except Exception as exc:
+            refusal: Exception | None = exc
+        else:
+            refusal = None
+    if refusal is not None:
+        discard_parent_run()
+        lines = [line.split("sbatch: error: ", 1)[-1] for line in said() if "error" in line or "fatal" in line]
+        why = lines[0] if lines else str(refusal).splitlines()[0]
+        raise ClusterError(f"Slurm refused the array: {why.strip()}; check hydra.launcher.partition, mem_gb, "
+                           "timeout_min and cpus_per_task")
     array = jobs[0].job_id.split("_")[0]
     log.info("submitted Slurm array %s: %d task%s (%s); watch it with squeue -j %s, stop it with scancel %s",
              array, len(jobs), "" if len(jobs) == 1 else "s", "one per stack" if launcher.stack else "one per job",
@@ -202,6 +217,22 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     if problems:
         raise ClusterError(_what_became(problems, states))
     return [returns[i] for i in range(len(job_overrides))]
+
+
+@contextlib.contextmanager
+def _stderr_kept():
+    """Collect what this process's fd 2 receives meanwhile (sbatch's own messages); yields a reader."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved, kept = os.dup(2), tempfile.TemporaryFile(mode="w+")
+    os.dup2(kept.fileno(), 2)
+    try:
+        yield lambda: (kept.seek(0), kept.read().splitlines())[1]
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def wait_for(jobs: list, array: str) -> list[str]:
