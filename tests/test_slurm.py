@@ -76,7 +76,7 @@ def test_scancel_mid_sweep_stops_with_one_line_and_every_run_killed(cluster, tmp
     assert time.monotonic() - started[1] < 40, "the launching process noticed late"
     assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and f"task {started[0]} CANCELLED (2 jobs)" in errors[0]
+    assert len(errors) == 1 and f"task {started[0]} CANCELLED (2 jobs: 2 runs KILLED with their metrics" in errors[0]
     client, jobs, parents = jobs_and_parents(tmp_path)
     assert parents[0].info.status == "KILLED"
     assert all(r.info.status == "KILLED" for r in jobs), [r.info.status for r in jobs]

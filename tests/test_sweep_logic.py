@@ -112,3 +112,28 @@ def test_runs_left_running_by_dead_processes_end_killed_or_failed(tmp_path):
     assert end_orphaned_runs(client, exp, other, interrupted=True) == 1
     assert client.get_run(elsewhere).info.status == "KILLED" and TAG_FAILURE not in client.get_run(elsewhere).data.tags
     assert end_orphaned_runs(client, exp, parent, interrupted=True) == 0
+
+
+def test_a_running_run_whose_holder_is_alive_is_not_an_orphan(tmp_path):
+    import socket
+    import subprocess
+
+    from mnist_logreg.lifecycle.lease import PID, START, HOST, process_start
+
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = ensure_experiment(client, "held", None)
+    parent = client.create_run(exp, tags={TAG_ROLE: "sweep"}).info.run_id
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        held = client.create_run(exp, tags={TAG_ROLE: "job", TAG_PARENT: parent, HOST: socket.gethostname(),
+                                            PID: str(holder.pid), START: process_start(holder.pid)}).info.run_id
+        reused_pid = client.create_run(exp, tags={TAG_ROLE: "job", TAG_PARENT: parent, HOST: socket.gethostname(),
+                                                  PID: str(holder.pid), START: "1"}).info.run_id  # another process
+        assert end_orphaned_runs(client, exp, parent, interrupted=True) == 1
+        assert client.get_run(held).info.status == "RUNNING"
+        assert client.get_run(reused_pid).info.status == "KILLED"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert end_orphaned_runs(client, exp, parent, interrupted=True) == 1  # its holder is gone now
+    assert client.get_run(held).info.status == "KILLED"

@@ -262,14 +262,33 @@ def _state(job) -> str:
 
 
 def _what_became(problems: list, states: list[str]) -> str:
-    from ..lifecycle.parent import mark_interrupted
+    """One line: each task that did not complete, Slurm's state, and what became of its runs (any it
+    left RUNNING, dying before it could end them, are ended here, as the local orphan sweep does)."""
+    from collections import Counter
 
-    if any(final == "CANCELLED" for _, final, _ in problems):
+    from ..lifecycle.parent import mark_interrupted, parent_run
+    from ..tracking.store import client_for
+    from .stopping import end_orphaned_runs
+
+    cancelled = any(final == "CANCELLED" for _, final, _ in problems)
+    if cancelled:
         mark_interrupted()  # the parent ends KILLED
-    told = "; ".join(f"task {job_id} {final} ({len(stack)} job{'s' if len(stack) > 1 else ''})"
-                     for job_id, final, stack in problems)
-    return (f"Slurm: {told}; their runs ended KILLED or FAILED with their metrics and last checkpoint, and the "
-            "sweep's other tasks finished: run the same command again to continue what did not finish")
+    told = []
+    parent = parent_run()
+    client = client_for(parent.tracking_uri) if parent is not None and parent.parent_run_id else None
+    if client is not None:
+        end_orphaned_runs(client, parent.experiment_id, parent.parent_run_id, cancelled)
+    for job_id, final, stack in problems:
+        fate = ""
+        if client is not None:
+            runs = client.search_runs([parent.experiment_id], f"tags.`slurm.job_id` = '{job_id}'")
+            counts = Counter(r.info.status for r in runs)
+            fate = ": " + (", ".join(f"{n} run{'s' if n > 1 else ''} {status}" for status, n in sorted(counts.items()))
+                           or "no run had started") + (" with their metrics and last checkpoint" if runs else "")
+        told.append(f"task {job_id} {final} ({len(stack)} job{'s' if len(stack) > 1 else ''}{fate})")
+    done = sum(s == "COMPLETED" for s in states)
+    return (f"Slurm: {'; '.join(told)}{f'; {done} other tasks COMPLETED' if done else ''}: run the same command "
+            "again to continue what did not finish")
 
 
 def run_task(launcher: Any, members: list[tuple[int, list[str]]], singleton_state: dict) -> list[JobReturn]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -138,8 +139,16 @@ def stop_workers(client, experiment_id: str, parent_run_id: str, grace: float = 
 
 def end_orphaned_runs(client, experiment_id: str, parent_run_id: str, interrupted: bool) -> int:
     """End the sweep's runs left RUNNING by processes that died: KILLED after a signal, else FAILED
-    with a `failure` tag. Returns how many."""
-    runs = running_runs(client, experiment_id, parent_run_id)
+    with a `failure` tag (a run whose holder process is alive elsewhere, such as a Slurm task still
+    training, is left to it). Returns how many."""
+    from ..lifecycle.lease import HOST, PID, abandoned
+
+    def held_elsewhere(run) -> bool:  # by a live process other than this one (a Slurm task on a node)
+        tags = run.data.tags
+        mine = tags.get(PID) == str(os.getpid()) and tags.get(HOST) == socket.gethostname()
+        return bool(tags.get(HOST)) and not mine and abandoned(run) is None
+
+    runs = [r for r in running_runs(client, experiment_id, parent_run_id) if not held_elsewhere(r)]
     for run in runs:
         if interrupted:
             client.set_terminated(run.info.run_id, "KILLED")
