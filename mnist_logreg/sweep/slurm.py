@@ -79,6 +79,16 @@ def slurm_tags() -> dict[str, str]:
     return tags
 
 
+def _warn_if_shared_sqlite(uri: str) -> None:
+    """A SQLite store written by tasks on several nodes (over a network filesystem) is not safe."""
+    if not uri.startswith("sqlite:"):
+        return
+    out = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True, timeout=30).stdout.split()
+    if sum(int(n) for n in out if n.isdigit()) > 1:
+        log.warning("tracking.uri is a SQLite file, which tasks on several nodes cannot share safely: use "
+                    "tracking=server (docs/team-server.md)")
+
+
 def _plan(cfg: DictConfig) -> tuple[Any, tuple, Any]:
     """(a FINISHED or busy run of this point, or None; its batch stream; the store's client), from
     the store and the config alone."""
@@ -182,6 +192,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     stacks = plan_stacks(keys, launcher.max_stack if launcher.stack else 1)
     if not stacks:
         return [returns[i] for i in range(len(job_overrides))]
+    _warn_if_shared_sqlite(str(OmegaConf.select(launcher.config, "tracking.uri") or ""))
     ensure_parent_run()
     executor = executor_for(launcher, gpu)
     state = Singleton.get_state()
