@@ -140,3 +140,26 @@ def test_no_slurm_at_all_says_how_to_get_one(tmp_path, mnist5k_root):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "python -m mnist_logreg.services.slurm" in lines[0], proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or not jobs_and_parents(tmp_path)[2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_launching_process_cancels_its_array(cluster, tmp_path, mnist5k_root, sig):
+    args = ["-m", *SLURM, "optim.lr=0.1,0.5", "trainer.epochs=400", "data.batch_size=500", f"data.root={mnist5k_root}"]
+    proc = start_cli(args, tmp_path, env=cluster.env)
+    array = []
+
+    def wait_for_training():
+        while True:
+            client, jobs, _ = jobs_and_parents(tmp_path)
+            steps = [m.step for r in jobs for m in client.get_metric_history(r.info.run_id, "train_loss")]
+            if len(jobs) == 2 and max(steps, default=0) >= 2:
+                array.append(jobs[0].data.tags["slurm.job_id"].split("_")[0])
+                return
+            time.sleep(0.5)
+
+    out = signal_when(proc, r"submitted Slurm array", sig, timeout=120, before=wait_for_training)
+    assert proc.returncode == 128 + sig and "Traceback" not in out, out[-3000:]
+    assert f"cancelling Slurm array {array[0]}" in out and f"Stopped by {signal.Signals(sig).name}" in out
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert parents[0].info.status == "KILLED" and all(r.info.status == "KILLED" for r in jobs)
+    assert "CANCELLED" in sacct(cluster, "-X", "-o", "JobID,State", "-j", array[0])

@@ -35,6 +35,7 @@ from ..errors import HarnessError
 
 log = logging.getLogger(__name__)
 POLL_S = 3.0
+SILENT_S = 300.0  # how long every task may stay UNKNOWN to sacct before the launching process gives up
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                "BOOT_FAIL", "DEADLINE", "REVOKED"}
 NO_CLUSTER_FIX = ("point SLURM_CONF at your cluster's slurm.conf, or start a throwaway single-node one: "
@@ -251,11 +252,20 @@ def wait_for(jobs: list, array: str) -> list[str]:
     tasks to end their runs, up to 60 s) and stops."""
     from ..lifecycle.parent import mark_interrupted
 
+    unknown_since = None
     try:
         while True:
             states = [_state(job) for job in jobs]
             if all(s in DONE_STATES for s in states):
                 return states
+            if all(s == "UNKNOWN" for s in states):  # sacct no longer answers about any task
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > SILENT_S:
+                    raise ClusterError(f"Slurm has said nothing about array {array} for {SILENT_S:.0f} s (is the "
+                                       f"cluster still up? sacct -j {array}); its runs stay as the tasks left them: "
+                                       "run the same command again to continue them")
+            else:
+                unknown_since = None
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         mark_interrupted()
