@@ -10,10 +10,17 @@ import time
 
 import pytest
 
+from hydra.core.config_store import ConfigStore
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from hydra_plugins.mnist_logreg_stacked import StackedSlurmLauncherConf
 from mnist_logreg.services.slurm import SlurmCluster, missing
 from conftest import jobs_and_parents, numbers_of, run_cli, signal_when, start_cli
 
 pytestmark = pytest.mark.slow
+# Hydra's LauncherTestSuite selects a launcher by name alone: the stacked Slurm launcher, small.
+ConfigStore.instance().store(group="hydra/launcher", name="slurm_contract", provider="tests",
+                             node=StackedSlurmLauncherConf(cpus_per_task=1, mem_gb=1, timeout_min=5))
 CARD = ["optim.lr=0.05,0.1,0.5", "trainer.epochs=3", "data.batch_size=96"]
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 
@@ -163,3 +170,25 @@ def test_a_signal_to_the_launching_process_cancels_its_array(cluster, tmp_path, 
     client, jobs, parents = jobs_and_parents(tmp_path)
     assert parents[0].info.status == "KILLED" and all(r.info.status == "KILLED" for r in jobs)
     assert "CANCELLED" in sacct(cluster, "-X", "-o", "JobID,State", "-j", array[0])
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+
+
+@pytest.mark.usefixtures("slurm_env")
+@pytest.mark.parametrize("launcher_name, overrides", [("slurm_contract", [])])
+class TestStackedSlurmLauncher(LauncherTestSuite):
+    """Hydra's LauncherTestSuite on the live cluster: another app's task function, one task per job."""
+
+
+@pytest.mark.usefixtures("slurm_env")
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags",
+    [({"defaults": [{"override hydra/launcher": "stacked_slurm"}, {"override hydra/hydra_logging": "hydra_debug"},
+                    {"override hydra/job_logging": "disabled"}],
+       "hydra": {"launcher": {"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5}}}, ["-m"])],
+)
+class TestStackedSlurmLauncherIntegration(IntegrationTestSuite):
+    """Hydra's IntegrationTestSuite on the live cluster."""

@@ -9,7 +9,7 @@ scan runs this module outside sys.modules, where dataclasses cannot resolve stri
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from typing import Any, Dict, List
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
@@ -83,12 +83,17 @@ class StackedSlurmLauncher(SlurmLauncher):
         self.stack, self.max_stack = bool(stack), check_max_stack(max_stack)
         self.stacks_trained = 0
 
-    def __call__(self, members: List[Any], singleton_state: Dict[Any, Any]) -> List[JobReturn]:  # type: ignore[override]
+    def __call__(self, *args: Any) -> Any:  # type: ignore[override]
+        if len(args) != 2:  # one job, as hydra-submitit-launcher runs it (another app's task)
+            return super().__call__(*args)
         from mnist_logreg.sweep.slurm import run_task
 
+        members, singleton_state = args
         return run_task(self, members, singleton_state)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mnist_logreg.sweep.slurm import launch
+        from mnist_logreg.sweep.slurm import is_harness_config, launch
 
+        if not is_harness_config(self.config):  # another app: one task per job, through run_job
+            return super().launch(job_overrides, initial_job_idx)
         return launch(self, job_overrides, initial_job_idx)

@@ -46,6 +46,11 @@ class ClusterError(HarnessError):
     """Slurm is absent or refused the sweep, or its tasks did not complete."""
 
 
+def is_harness_config(config: DictConfig) -> bool:
+    """Whether the app is this harness (its jobs stack); another app's jobs go one per task."""
+    return all(OmegaConf.select(config, key) is not None for key in ("trainer.epochs", "tracking.uri", "data.batch_size"))
+
+
 def check_cluster() -> None:
     """Slurm answers here, or one line saying how to point at a cluster."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
