@@ -18,6 +18,19 @@ from mnist_logreg.services.slurm import SlurmCluster, missing
 from conftest import jobs_and_parents, numbers_of, run_cli, signal_when, start_cli
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def hydra_as_a_fresh_process():
+    """Hydra's suites expect a fresh process's Hydra: no version_base set by another test of this
+    worker (conftest.compose_cfg sets 1.3, which turns hydra.job.chdir off)."""
+    from hydra.core.singleton import Singleton
+    from hydra.version import VersionBase
+
+    saved = Singleton._instances.pop(VersionBase, None)
+    yield
+    if saved is not None:
+        Singleton._instances[VersionBase] = saved
 # Hydra's LauncherTestSuite selects a launcher by name alone: the stacked Slurm launcher, small.
 ConfigStore.instance().store(group="hydra/launcher", name="slurm_contract", provider="tests",
                              node=StackedSlurmLauncherConf(cpus_per_task=1, mem_gb=1, timeout_min=5))

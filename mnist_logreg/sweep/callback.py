@@ -1,5 +1,7 @@
-"""The sweep's parent MLflow run: a Hydra callback in the launching process opens it before any job
-starts (with the store and the experiment) and closes it at the end, with the sweep's comparison."""
+"""The sweep's parent MLflow run: a Hydra callback in the launching process checks the sweep, opens
+the store and the experiment before any job starts, opens the parent run (or reopens the stopped
+sweep this launch continues) when the first run needs it, and closes it at the end, with the
+sweep's comparison."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The searches every reader of a store makes: a sweep's job runs, its parent, a finished fingerprint."""
+"""The searches every reader of a store makes: a sweep's job runs, its parents, a point's runs by
+fingerprint, and a run by its id or a unique prefix of it."""
 
 from __future__ import annotations
 
