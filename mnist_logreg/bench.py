@@ -191,7 +191,7 @@ _PEAK_RSS = ("import os, subprocess, sys\n"
 def sweep(args, overrides: list[str], epochs: int | None = None, folder: Path | None = None) -> dict:
     """One real sweep through run.py into a fresh store (in folder, kept; default a temporary one):
     wall time, the peak resident memory of the process, the jobs' own phase timings, and the wall
-    time split by the sweep's own log lines: start-up (to the parent run), composing and preparing
+    time split by the sweep's own log lines: start-up (to the launcher's first line), composing and preparing
     (to the first stack), training (the compute the stacks log: epoch and eval seconds, once per
     stack), per-run records (the rest of the stacks' time) and the end (comparison and exit)."""
     from mlflow.tracking import MlflowClient
@@ -229,7 +229,7 @@ def sweep(args, overrides: list[str], epochs: int | None = None, folder: Path | 
         for name, value in timing.items():
             phases[name] = phases.get(name, 0.0) + value
         fixed.append(sum(timing.get(p, 0.0) for p in FIXED_PHASES))
-    parent = (_stamps(output, r"parent run") or [started])[0]
+    parent = (_stamps(output, r"\] Launching \d+ jobs") or _stamps(output, r"parent run") or [started])[0]
     first_stack = (_stamps(output, r"\] stack .*: jobs") or _stamps(output, r"MLflow run .* \(") or [parent])[0]
     last_run = (_stamps(output, r"ended (FINISHED|FAILED|KILLED):") or [first_stack])[-1]
     split = {"start-up": parent - started, "composing and preparing": first_stack - parent, "training": compute,

@@ -209,3 +209,16 @@ def by_config(folder: Path, batch_size: str = "96"):
     client, jobs, parents = jobs_and_parents(folder)
     return client, {r.data.params["optim.lr"]: r for r in jobs
                     if r.data.params["data.batch_size"] == batch_size}, parents
+
+
+@pytest.fixture
+def fresh_hydra():
+    """Hydra as in a fresh process, as Hydra's own launcher suites expect it: no version_base set by
+    another test of this worker (compose_cfg sets 1.3, which turns hydra.job.chdir off)."""
+    from hydra.core.singleton import Singleton
+    from hydra.version import VersionBase
+
+    saved = Singleton._instances.pop(VersionBase, None)
+    yield
+    if saved is not None:
+        Singleton._instances[VersionBase] = saved

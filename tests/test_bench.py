@@ -51,11 +51,11 @@ def test_a_bench_sweeps_split_matches_its_own_store_and_log(tmp_path, mnist5k_ro
     logged = sum(m.value for rid in groups.values() for key in ("epoch_seconds", "eval_seconds")
                  for m in client.get_metric_history(rid, key))
     assert s["split_s"]["training"] == pytest.approx(logged) and logged > 0
-    # The start-up phase ends at the parent run's line, and the sweep's end after the last run ended.
+    # The start-up phase ends at the launcher's first line, and the sweep's end after the last run ended.
     output = (tmp_path / "output.txt").read_text()
     stamp = lambda line: datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: E731
     lines = output.splitlines()
-    parent_line = next(line for line in lines if "parent run" in line)
+    parent_line = next(line for line in lines if "] Launching 6 jobs" in line)
     last_end = [line for line in lines if " ended FINISHED: " in line][-1]
     first_stack = next(line for line in lines if "] stack " in line)
     assert s["split_s"]["composing and preparing"] == pytest.approx(stamp(first_stack) - stamp(parent_line), abs=2e-3)

@@ -10,28 +10,17 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 from hydra_plugins.mnist_logreg_stacked import StackedLauncher
 
 
-@pytest.fixture(autouse=True)
-def hydra_as_a_fresh_process():
-    """Hydra's suites expect a fresh process's Hydra: no version_base set by another test of this
-    worker (conftest.compose_cfg sets 1.3, which turns hydra.job.chdir off)."""
-    from hydra.core.singleton import Singleton
-    from hydra.version import VersionBase
-
-    saved = Singleton._instances.pop(VersionBase, None)
-    yield
-    if saved is not None:
-        Singleton._instances[VersionBase] = saved
-
-
 def test_discovery():
     assert StackedLauncher.__name__ in [x.__name__ for x in Plugins.instance().discover(Launcher)]
 
 
+@pytest.mark.usefixtures("fresh_hydra")
 @pytest.mark.parametrize("launcher_name, overrides", [("stacked", [])])
 class TestStackedLauncher(LauncherTestSuite):
     """Hydra's LauncherTestSuite: another app's task function runs job by job, as under basic."""
 
 
+@pytest.mark.usefixtures("fresh_hydra")
 @pytest.mark.parametrize(
     "task_launcher_cfg, extra_flags",
     [({"defaults": [{"override hydra/launcher": "stacked"}, {"override hydra/hydra_logging": "hydra_debug"},

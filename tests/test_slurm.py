@@ -18,19 +18,6 @@ from mnist_logreg.services.slurm import SlurmCluster, missing
 from conftest import jobs_and_parents, numbers_of, run_cli, signal_when, start_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def hydra_as_a_fresh_process():
-    """Hydra's suites expect a fresh process's Hydra: no version_base set by another test of this
-    worker (conftest.compose_cfg sets 1.3, which turns hydra.job.chdir off)."""
-    from hydra.core.singleton import Singleton
-    from hydra.version import VersionBase
-
-    saved = Singleton._instances.pop(VersionBase, None)
-    yield
-    if saved is not None:
-        Singleton._instances[VersionBase] = saved
 # Hydra's LauncherTestSuite selects a launcher by name alone: the stacked Slurm launcher, small.
 ConfigStore.instance().store(group="hydra/launcher", name="slurm_contract", provider="tests",
                              node=StackedSlurmLauncherConf(cpus_per_task=1, mem_gb=1, timeout_min=5))
@@ -49,6 +36,17 @@ def cluster(tmp_path_factory):
 
 def sacct(cluster, *args) -> str:
     return subprocess.run(["sacct", "-a", "-n", "-P", *args], env=cluster.env, capture_output=True, text=True).stdout
+
+
+def until_training(folder, jobs_expected: int, epochs: int, pause: float = 0.5) -> str:
+    """Wait until every job of the sweep in folder has a run that has logged `epochs` epochs; return
+    the Slurm job id its runs carry."""
+    while True:
+        client, jobs, _ = jobs_and_parents(folder)
+        steps = [m.step for r in jobs for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        if len(jobs) == jobs_expected and max(steps, default=0) >= epochs:
+            return jobs[0].data.tags["slurm.job_id"]
+        time.sleep(pause)
 
 
 def by_lr(folder):
@@ -82,13 +80,7 @@ def test_scancel_mid_sweep_stops_with_one_line_and_every_run_killed(cluster, tmp
     started = []
 
     def cancel():
-        while not started:
-            client, jobs, _ = jobs_and_parents(tmp_path)
-            steps = [m.step for r in jobs for m in client.get_metric_history(r.info.run_id, "train_loss")]
-            if len(jobs) == 2 and max(steps, default=0) >= 2:
-                started.append(jobs[0].data.tags["slurm.job_id"])
-            else:
-                time.sleep(0.5)
+        started.append(until_training(tmp_path, 2, 2))
         subprocess.run(["scancel", started[0].split("_")[0]], env=cluster.env, check=True)
         started.append(time.monotonic())
 
@@ -115,13 +107,7 @@ def test_a_preempted_task_requeues_and_continues_its_runs_bit_identical(cluster,
     job = []
 
     def preempt():
-        while not job:
-            client, jobs, _ = jobs_and_parents(remote)
-            steps = [m.step for r in jobs for m in client.get_metric_history(r.info.run_id, "train_loss")]
-            if len(jobs) == 2 and max(steps, default=0) >= 3:
-                job.append(jobs[0].data.tags["slurm.job_id"])
-            else:
-                time.sleep(0.3)
+        job.append(until_training(remote, 2, 3, pause=0.3))
         subprocess.run(["scancel", "--signal=USR2", job[0]], env=cluster.env, check=True)
         deadline = time.monotonic() + 60  # Slurm holds a requeued task back 2 minutes: start it now
         while "REQUEUED" not in sacct(cluster, "-D", "-X", "-o", "JobID,State") and time.monotonic() < deadline:
@@ -169,13 +155,7 @@ def test_a_signal_to_the_launching_process_cancels_its_array(cluster, tmp_path, 
     array = []
 
     def wait_for_training():
-        while True:
-            client, jobs, _ = jobs_and_parents(tmp_path)
-            steps = [m.step for r in jobs for m in client.get_metric_history(r.info.run_id, "train_loss")]
-            if len(jobs) == 2 and max(steps, default=0) >= 2:
-                array.append(jobs[0].data.tags["slurm.job_id"].split("_")[0])
-                return
-            time.sleep(0.5)
+        array.append(until_training(tmp_path, 2, 2).split("_")[0])
 
     out = signal_when(proc, r"submitted Slurm array", sig, timeout=120, before=wait_for_training)
     assert proc.returncode == 128 + sig and "Traceback" not in out, out[-3000:]
@@ -186,7 +166,7 @@ def test_a_signal_to_the_launching_process_cancels_its_array(cluster, tmp_path, 
 
 
 @pytest.fixture
-def slurm_env(cluster, monkeypatch):
+def slurm_env(cluster, monkeypatch, fresh_hydra):
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
 
 
@@ -205,3 +185,12 @@ class TestStackedSlurmLauncher(LauncherTestSuite):
 )
 class TestStackedSlurmLauncherIntegration(IntegrationTestSuite):
     """Hydra's IntegrationTestSuite on the live cluster."""
+
+
+def test_per_job_mode_submits_one_task_per_job(cluster, tmp_path, mnist5k_root):
+    proc = run_cli(["-m", *SLURM, "hydra.launcher.stack=false", "optim.lr=0.1,0.5", "trainer.epochs=1",
+                    "data.batch_size=500", f"data.root={mnist5k_root}"], cwd=tmp_path, env=cluster.env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert re.search(r"submitted Slurm array \d+: 2 tasks \(one per job\)", proc.stdout)
+    _, jobs, _ = jobs_and_parents(tmp_path)
+    assert len({r.data.tags["slurm.job_id"] for r in jobs}) == 2 and all(r.info.status == "FINISHED" for r in jobs)
