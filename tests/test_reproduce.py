@@ -146,7 +146,7 @@ def test_a_unique_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates(l
     assert str(err.value).startswith(f"run {shared}: 3 runs begin with {shared}: ") and all(
         t in str(err.value) for t in [run.info.run_id, *twins])
     assert run_by_id(client, twins[1][:12], "x", "y").info.run_id == twins[1]  # more digits tell them apart
-    proc = run_cli([shared], cwd=folder, module="mnist_logreg.reproduce")
+    proc = run_cli([shared, "--tracking-uri", store_uri(folder)], cwd=folder, module="mnist_logreg.reproduce")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "give more of the id" in proc.stderr
 
 

@@ -62,7 +62,11 @@ def test_a_stop_under_every_local_launcher_is_prompt_and_leaves_every_run_whole(
     while _group_alive(proc.pid) and time.monotonic() - t0 < 30:
         time.sleep(0.1)
     stopped_in = time.monotonic() - t0
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{launcher}, {how}: still running 60 s after the signal:\n{out_file.read_text()[-3000:]}")
     output = out_file.read_text()
     sig = signal.SIGINT if how == "ctrl-c to the group" else signal.SIGTERM
     assert proc.returncode == 128 + sig, output[-3000:]
