@@ -187,3 +187,9 @@ def test_a_fresh_sqlite_store_is_a_copy_of_the_migrated_template(tmp_path, monke
     client.log_metric(run.info.run_id, "m", 1.0)
     assert not lay_fresh_sqlite_store(db)  # the store with its run stays as it is
     assert client_for(f"sqlite:///{db}").get_run(run.info.run_id).data.metrics == {"m": 1.0}
+
+
+def test_a_run_id_prefix_of_digits_only_is_taken_as_typed(tmp_path, mnist5k_root):
+    """Hydra reads resume=99893388 as a number; the prefix still names the run (here: none such)."""
+    proc = run_cli(["resume=99893388", f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "resume=99893388: no run id begins with 99893388" in proc.stderr, proc.stderr

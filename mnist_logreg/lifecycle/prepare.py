@@ -213,6 +213,11 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
     out_dir: the job's folder (Hydra's), where its log, checkpoints and staged artifacts go (None: a
     temporary folder); overrides: the command-line overrides that made this job, for its tags."""
     clock = Clock()
+    if cfg.get("resume") is not None and not isinstance(cfg.resume, str):
+        # A run id prefix of digits only (or digits and one e) reads as a number: take it as typed.
+        typed = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "resume"]
+        with open_dict(cfg):
+            cfg.resume = typed[-1] if typed else str(cfg.resume)
     validate(cfg)
     check_known_keys(cfg)
     resumed = None

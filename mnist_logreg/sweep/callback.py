@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import check_known_keys, check_value, redact, validate
 from ..errors import ConfigError
@@ -55,6 +55,9 @@ def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if config.get("resume") is not None and not isinstance(config.resume, str):  # a run id of digits
+        with open_dict(config):
+            config.resume = str(config.resume)
     validate(config)
     check_known_keys(config)
     lines = list(OmegaConf.select(config, "hydra.overrides.task") or [])
@@ -67,6 +70,8 @@ def validate_sweep(config: DictConfig) -> dict[str, list[Any]]:
         if override.is_interval_sweep():
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        if key == "resume":  # run ids (a prefix of digits reads as a number)
+            values = [v if v is None else str(v) for v in values]
         swept[key] = values
         for i, value in enumerate(values):
             try:
