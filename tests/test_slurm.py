@@ -99,7 +99,7 @@ def test_scancel_mid_sweep_stops_with_one_line_and_every_run_killed(cluster, tmp
 def test_a_preempted_task_requeues_and_continues_its_runs_bit_identical(cluster, tmp_path, mnist5k_root):
     """Slurm's warning signal, as on a preemption (scancel --signal=USR2): the runs end KILLED with
     their checkpoints, the task requeues, and the requeued task goes on in the same runs."""
-    points = ["optim.lr=0.1,0.5", "trainer.epochs=12", "data.batch_size=8"]
+    points = ["optim.lr=0.1,0.5", "trainer.epochs=40", "data.batch_size=8"]  # long enough to be preempted
     local, remote = tmp_path / "local", tmp_path / "slurm"
     local.mkdir(), remote.mkdir()
     assert run_cli(["-m", *points, f"data.root={mnist5k_root}"], cwd=local).returncode == 0

@@ -261,7 +261,8 @@ def wait_for(jobs: list, array: str) -> list[str]:
     try:
         while True:
             states = [_state(job) for job in jobs]
-            if all(s in DONE_STATES for s in states):
+            if all(s in DONE_STATES for s in states) and not _still_queued(
+                    [job.job_id for job, s in zip(jobs, states) if s != "COMPLETED"]):
                 return states
             if all(s == "UNKNOWN" for s in states):  # sacct no longer answers about any task
                 unknown_since = unknown_since or time.monotonic()
@@ -280,6 +281,16 @@ def wait_for(jobs: list, array: str) -> list[str]:
         while time.monotonic() < deadline and not all(_state(job) in DONE_STATES for job in jobs):
             time.sleep(1)
         raise
+
+
+def _still_queued(job_ids: list[str]) -> bool:
+    """Whether Slurm still holds any of these tasks (a requeued task reads as ended in sacct for a
+    moment, until it is pending again)."""
+    if not job_ids:
+        return False
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True,
+                         timeout=30)
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def _state(job) -> str:
