@@ -193,3 +193,32 @@ def test_a_stacked_members_checkpoint_resumes_alone_bit_identical(digit_splits, 
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in member.history + rest]
         assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
         assert params_hash(net) == weights, spec
+
+
+def test_a_stack_restored_from_its_members_checkpoints_goes_on_bit_identical(digit_splits, tmp_path):
+    """What a continued sweep does with a stopped momentum stack: a new Stack restores each member's
+    checkpoint (weights into its group's rows, the Trainer's momentum, the batch order) and fit goes on."""
+    import numpy as np
+
+    from mnist_logreg.ml import checkpoint
+
+    train, test = digit_splits
+    specs = [MemberSpec(1.0, 0.1, 0.9, 1e-3), MemberSpec(0.1, 0.05, 0.9), MemberSpec(0.5, 0.3, 0.9, 3e-2)]
+    first, saved, rng = Stack(specs, 10, mx.cpu(), SEED, width=3), {}, np.random.default_rng(SEED)
+
+    def keep(member, m):
+        saved[member.index] = checkpoint.save(tmp_path / str(member.index), m.epoch, member.net, member.trainer, rng)
+
+    fit(first, train, test, epochs=1, batch_size=BATCH, seed=SEED, eval_chunk=CHUNK, rng=rng, on_epoch=keep)
+    states = []
+
+    def restore(member):
+        states.append(checkpoint.load(saved[member.index], member.net, member.trainer)[1])
+
+    again = Stack(specs, 10, mx.cpu(), SEED, width=3, restore=restore)
+    fit(again, train, test, epochs=3, batch_size=BATCH, seed=SEED, eval_chunk=CHUNK, start_epoch=2, rng=states[0])
+    for member, earlier, spec in zip(again.members, first.members, specs):
+        history, _, weights = alone(spec, digit_splits, 3)
+        got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in earlier.history + member.history]
+        assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
+        assert params_hash(member.net) == weights, spec
