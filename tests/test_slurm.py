@@ -112,6 +112,9 @@ def test_a_preempted_task_requeues_and_continues_its_runs_bit_identical(cluster,
         deadline = time.monotonic() + 60  # Slurm holds a requeued task back 2 minutes: start it now
         while "REQUEUED" not in sacct(cluster, "-D", "-X", "-o", "JobID,State") and time.monotonic() < deadline:
             time.sleep(0.5)
+        # slurmd refuses a relaunch whose credential is not newer than the kill's revocation (same
+        # second: "Job credential revoked", and the task ends FAILED): let a few seconds pass first.
+        time.sleep(3)
         for _ in range(20):
             subprocess.run(["scontrol", "update", f"JobId={job[0]}", "StartTime=now"], env=cluster.env,
                            capture_output=True)

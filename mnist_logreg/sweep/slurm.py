@@ -35,6 +35,7 @@ from ..errors import HarnessError
 
 log = logging.getLogger(__name__)
 POLL_S = 3.0
+SETTLE_S = 8.0  # how long a task's end other than COMPLETED must hold before it counts
 SILENT_S = 300.0  # how long every task may stay UNKNOWN to sacct before the launching process gives up
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                "BOOT_FAIL", "DEADLINE", "REVOKED"}
@@ -258,11 +259,20 @@ def wait_for(jobs: list, array: str) -> list[str]:
     from ..lifecycle.parent import mark_interrupted
 
     unknown_since = None
+    ended_at: dict[str, float] = {}  # a task that read as ended other than COMPLETED, and since when
     try:
         while True:
             states = [_state(job) for job in jobs]
-            if all(s in DONE_STATES for s in states) and not _still_queued(
-                    [job.job_id for job, s in zip(jobs, states) if s != "COMPLETED"]):
+            now = time.monotonic()
+            for job, state in zip(jobs, states):
+                if state in DONE_STATES and state != "COMPLETED":
+                    ended_at.setdefault(job.job_id, now)
+                else:
+                    ended_at.pop(job.job_id, None)
+            # A preempted task reads as ended for a moment while Slurm requeues it: an end other than
+            # COMPLETED counts once it has held for SETTLE_S and Slurm no longer queues the task.
+            unsettled = [j for j, t in ended_at.items() if now - t < SETTLE_S]
+            if all(s in DONE_STATES for s in states) and not unsettled and not _still_queued(list(ended_at)):
                 return states
             if all(s == "UNKNOWN" for s in states):  # sacct no longer answers about any task
                 unknown_since = unknown_since or time.monotonic()
