@@ -22,6 +22,16 @@ LOCATION_KEYS = ("tracking", "data.root", "data.cache", "data.search", "data.mir
                  "data.download_timeout", "force", "resume")
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets (`+a.b=1` and `~a.b` set `a.b`)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_under(key: str, prefixes) -> bool:
+    """Whether key is one of prefixes or below one of them (`data.root.x` is under `data.root`)."""
+    return any(key == k or key.startswith(f"{k}.") for k in prefixes)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -94,16 +94,12 @@ def _continue_sweep(sweep, overrides: list[str]) -> None:
     import os
     import sys
 
-    from .config import LOCATION_KEYS
+    from .config import LOCATION_KEYS, is_under, override_key
     from .project import PROJECT_ROOT
 
-    def where(o: str) -> bool:
-        key = o.split("=", 1)[0].lstrip("+~")
-        return key != "resume" and any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS)
-
-    keep = [o for o in overrides if where(o)]
-    mine = {o.split("=", 1)[0].lstrip("+~") for o in keep}
-    logged = [o for o in sweep.overrides if o.split("=", 1)[0].lstrip("+~") not in mine]
+    keep = [o for o in overrides if override_key(o) != "resume" and is_under(override_key(o), LOCATION_KEYS)]
+    mine = {override_key(o) for o in keep}
+    logged = [o for o in sweep.overrides if override_key(o) not in mine]
     argv = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *logged, *keep]
     print(f"resume={sweep.run_id} is sweep {sweep.sweep}: continuing it with python run.py -m "
           f"{' '.join([*logged, *keep])}", flush=True)

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from ..config import LOCATION_KEYS, check_known_keys, redact, validate
+from ..config import LOCATION_KEYS, check_known_keys, is_under, override_key, redact, validate
 from ..errors import ConfigError
 from ..ml.data import DatasetFiles, Split, load, locate
 from ..tracking.queries import runs_with_fingerprint
@@ -102,8 +102,8 @@ def check_resume_overrides(run_id: str, overrides: Sequence[str]) -> None:
     numbers (they would be silently ignored), naming them."""
     changing = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key != "resume" and not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_SET):
+        key = override_key(override)
+        if key != "resume" and not is_under(key, RESUME_MAY_SET):
             changing.append(override)
     if changing:
         raise ConfigError(f"resume={run_id} continues the run with the config it logged, so {' '.join(changing)} "
@@ -150,7 +150,7 @@ def _resumable(cfg: DictConfig) -> tuple[Resumed, DictConfig]:
     resumed_cfg = config_from_run(client, run)
     resumed_cfg.tracking.uri, resumed_cfg.resume, resumed_cfg.force = cfg.tracking.uri, cfg.resume, True
     validate(resumed_cfg)
-    return Resumed(client, run, local, checkpoint_epoch(local)), resumed_cfg
+    return Resumed(client, run, local, _epoch_of(local)), resumed_cfg
 
 
 def find_checkpoint(client, run) -> Path | None:
@@ -167,10 +167,10 @@ def find_checkpoint(client, run) -> Path | None:
     return checkpoint.latest(Path(left)) if left and Path(left).is_dir() else None
 
 
-def checkpoint_epoch(path: Path) -> int:
-    from ..ml import checkpoint
+def _epoch_of(path: Path) -> int:
+    from ..ml.checkpoint import epoch_of
 
-    return checkpoint.epoch_of(path)
+    return epoch_of(path)
 
 
 def resolve(client, experiment_id: str, fingerprint: str) -> tuple[Any, Any, Resumed | None]:
@@ -189,7 +189,7 @@ def resolve(client, experiment_id: str, fingerprint: str) -> tuple[Any, Any, Res
             if why is None:
                 return None, run, None
         local = find_checkpoint(client, run)
-        return None, None, Resumed(client, run, local, checkpoint_epoch(local) if local else 0, why)
+        return None, None, Resumed(client, run, local, _epoch_of(local) if local else 0, why)
     return None, None, None
 
 
@@ -215,7 +215,7 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
     clock = Clock()
     if cfg.get("resume") is not None and not isinstance(cfg.resume, str):
         # A run id prefix of digits only (or digits and one e) reads as a number: take it as typed.
-        typed = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "resume"]
+        typed = [o.split("=", 1)[1] for o in overrides if override_key(o) == "resume"]
         with open_dict(cfg):
             cfg.resume = typed[-1] if typed else str(cfg.resume)
     validate(cfg)

@@ -78,11 +78,11 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
 
 def run_name_of(overrides: list[str]) -> str:
     """What a run is, in its name: the overrides that change its numbers (never where things go)."""
-    from ..config import LOCATION_KEYS
+    from ..config import LOCATION_KEYS, is_under, override_key
 
     def where(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
-        return key.startswith("hydra") or any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS)
+        key = override_key(override)
+        return key.startswith("hydra") or is_under(key, LOCATION_KEYS)
 
     return redact(" ".join(o for o in overrides if not where(o))) or "defaults"
 

@@ -105,14 +105,14 @@ def sweep_key(config: DictConfig, overrides: list[str]) -> str:
     import hashlib
     import json
 
-    from ..config import LOCATION_KEYS
+    from ..config import LOCATION_KEYS, is_under, override_key
 
     def counts(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         if key.startswith("hydra.sweeper") or key == "hydra/sweeper":
             return True
         return not (key in _NOT_THE_SWEEP or key.startswith(("hydra.", "hydra/"))
-                    or any(key == k or key.startswith(f"{k}.") for k in LOCATION_KEYS))
+                    or is_under(key, LOCATION_KEYS))
 
     params = OmegaConf.select(config, "hydra.sweeper.params")
     facts = {"overrides": sorted(o for o in overrides if counts(o)),
@@ -298,12 +298,13 @@ class SweepTracking(Callback):
         """A parent opened before its jobs ran (their processes are elsewhere) that no run of this
         launch joined: a launch that trained nothing records no sweep, so it is deleted again."""
         from ..tracking.queries import job_runs
+        from ..tracking.tags import TAG_REUSED
 
         try:
             if self._continued or job_runs(self._client, [ctx.experiment_id], parent=ctx.parent_run_id, max_results=1):
                 return False
             reused = [k.split(".", 1)[1] for k in self._client.get_run(ctx.parent_run_id).data.tags
-                      if k.startswith("reused.")]
+                      if k.startswith(f"{TAG_REUSED}.")]
             self._client.delete_run(ctx.parent_run_id)
         except Exception as exc:  # a tidy-up must not fail the sweep
             log.warning("could not check sweep %s for runs: %s", ctx.sweep, exc)
