@@ -186,17 +186,19 @@ def _logged_model(client, run):
     return model
 
 
-def test_the_logged_model_predicts_the_logged_test_accuracy(card, mnist5k_root, monkeypatch):
+@pytest.mark.parametrize("sweep, lr", [("basic", "0.5"), ("stacked", "0.05"), ("stacked", "0.5")])
+def test_the_logged_model_predicts_the_logged_test_accuracy(card, mnist5k_root, monkeypatch, sweep, lr):
+    """Each run's logged model holds its own weights (a stack's runs share every other file of it)."""
     import mlflow
 
-    client, runs, _ = by_config(card["basic"])
-    run = runs["0.5"]
+    client, runs, _ = by_config(card[sweep])
+    run = runs[lr]
     model = _logged_model(client, run)
     assert str(model.status).endswith("READY")
     assert model.source_run_id == run.info.run_id
     assert {m.key for m in model.metrics} >= {"test_acc", "train_loss"}  # the run's metrics are linked to it
     assert model.model_id in [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(card["basic"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(card[sweep]))
     loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     assert str(loaded.metadata.signature.inputs) == "[Tensor('float32', (-1, 784))]"
     assert loaded.metadata.signature.outputs.input_names()[-1] == "label"

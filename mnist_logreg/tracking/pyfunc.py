@@ -11,6 +11,7 @@ as the harness scores its test accuracy).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -57,21 +58,59 @@ def signature(num_classes: int = 10):
 
 def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray) -> None:
     """Save the pyfunc (with its signature and an input example of real test images) into the
-    logged model `model_id`, whose metrics the run has been logging, and mark it READY."""
+    logged model `model_id`, whose metrics the run has been logging, and mark it READY.
+
+    Every run of a process gets the same MLmodel, environment files and input example but its own
+    weights: MLflow writes them once (`_template`), and each run copies them with its own export and
+    a fresh model uuid, creation time and size."""
+    import datetime
+    import shutil
+    import uuid
+
+    from mlflow.models import Model
+
+    template = _template(example.tobytes(), example.shape, str(example.dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "model"
+        shutil.copytree(template, saved)
+        meta = Model.load(str(saved / "MLmodel"))
+        files = meta.flavors["python_function"]["artifacts"]
+        for name, source in ((SYMBOL, "model-symbol.json"), (PARAMS, "model-0000.params")):
+            shutil.copyfile(export_dir / source, saved / files[name]["path"])
+            files[name]["uri"] = str(export_dir / source)
+            meta.model_size_bytes = (meta.model_size_bytes or 0) + (export_dir / source).stat().st_size
+        meta.model_uuid = uuid.uuid4().hex
+        meta.utc_time_created = str(datetime.datetime.utcnow())
+        meta.save(str(saved / "MLmodel"))
+        client.log_model_artifacts(model_id, str(saved))
+    client.finalize_logged_model(model_id, "READY")
+
+
+@functools.lru_cache(maxsize=2)
+def _template(example: bytes, shape: tuple, dtype: str) -> Path:
+    """mlflow.pyfunc.save_model of a placeholder export, once per process and input example: the
+    files every run's logged model shares (its empty weights are swapped for the run's by log_model)."""
+    import atexit
+    import shutil
+
     import mlflow
     import mxnet
 
-    artifacts = {SYMBOL: str(export_dir / "model-symbol.json"), PARAMS: str(export_dir / "model-0000.params")}
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
-            saved, python_model=__file__, artifacts=artifacts, signature=signature(),
-            input_example=example,
-            pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
-                              f"mlflow=={mlflow.__version__}", "pandas"],
-        )
-        client.log_model_artifacts(model_id, str(saved))
-    client.finalize_logged_model(model_id, "READY")
+    root = Path(tempfile.mkdtemp(prefix="mnist_logreg_pyfunc_"))
+    atexit.register(shutil.rmtree, root, True)
+    placeholder = root / "export"
+    placeholder.mkdir()
+    artifacts = {}
+    for name, source in ((SYMBOL, "model-symbol.json"), (PARAMS, "model-0000.params")):
+        (placeholder / source).write_bytes(b"")
+        artifacts[name] = str(placeholder / source)
+    mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
+        root / "model", python_model=__file__, artifacts=artifacts, signature=signature(),
+        input_example=np.frombuffer(example, dtype=dtype).reshape(shape),
+        pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
+                          f"mlflow=={mlflow.__version__}", "pandas"],
+    )
+    return root / "model"
 
 
 # What MLflow loads when it runs this file as the model's code (see log_model).
