@@ -23,5 +23,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     install_hydra_error_handler(in_our_words)  # bad input: one line on stderr and exit status 2
-    with exit_on_interrupt():  # Ctrl-C / SIGTERM: runs end KILLED, then one line and status 130 / 143
+    with exit_on_interrupt():  # Ctrl-C / SIGTERM: runs end KILLED, then one line and status 130 / 143; no teardown
         main()

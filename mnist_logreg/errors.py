@@ -70,7 +70,9 @@ def exit_on_error(cleanup: Callable[[], None] = lambda: None) -> Iterator[None]:
 @contextlib.contextmanager
 def exit_on_interrupt() -> Iterator[None]:
     """Ctrl-C or SIGTERM (raised as KeyboardInterrupt once the runs are closed): one line, no
-    traceback, and the shell's status for the signal (130 for SIGINT, 143 for SIGTERM)."""
+    traceback, and the shell's status for the signal (130 for SIGINT, 143 for SIGTERM). However the
+    body ends, the process then exits without the interpreter's teardown (`_exit_now`), which takes
+    0.5 to 1 s once mlflow's store and MXNet are loaded."""
     import signal
 
     try:
@@ -84,11 +86,17 @@ def exit_on_interrupt() -> Iterator[None]:
               "last checkpoint; run the same command again to train only what did not finish, or "
               "resume=RUN_ID to continue one run", file=sys.stderr)
         _exit_now(128 + signum)
+    except SystemExit as exc:
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        _exit_now(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+    _exit_now(0)
 
 
 def _exit_now(code: int) -> None:
-    """Exit after the exit handlers (the sweep's parent run ends there) but without the interpreter's
-    teardown, in which MXNet's NDArray finalizers print tracebacks once its library is gone."""
+    """Exit after the exit handlers (the sweep's parent run ends there, temporary folders go) but
+    without the interpreter's teardown, which is slow, and in which MXNet's NDArray finalizers print
+    tracebacks once its library is gone."""
     import atexit
     import logging
 

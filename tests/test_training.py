@@ -89,3 +89,15 @@ def test_divergence_stops_the_model_after_its_first_nonfinite_epoch(digits):
                    on_nonfinite=lambda m, why: told.append(why), on_epoch=lambda m, e: epochs_run.append(e))
     assert member.failed is not None and member.failed.startswith("epoch 1: mean training loss is")
     assert told == [member.failed] and epochs_run == [] and member.history == []
+
+
+def test_mxnet_loads_without_what_the_harness_never_uses_and_others_still_get_it():
+    """Through mnist_logreg, `import mxnet` skips scikit-learn and scipy.stats (0.5 s of each process's
+    start); mxnet falls back as if they were absent, and anyone else still imports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mnist_logreg, mxnet; print('sklearn' in sys.modules, 'scipy.stats' in sys.modules, "
+            "mxnet.model.BASE_ESTIMATOR.__name__); import sklearn.base, scipy.stats; print(sklearn.base.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "object", "sklearn.base"]
