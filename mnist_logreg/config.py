@@ -175,6 +175,18 @@ class RedactPasswords(logging.Filter):
         return True
 
 
+class QuietJobLines(logging.Filter):
+    """On the console of a large sweep (`active`, which the stacked launcher sets), each job's own
+    INFO lines are left out: its log file keeps them, warnings and errors still show, and the
+    launcher prints a line per stack and epoch instead (conf/hydra/job_logging/redacted.yaml)."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (QuietJobLines.active and record.levelno < logging.WARNING
+                    and record.name.startswith("mnist_logreg.job"))
+
+
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """The resolved config as {dotted.key: string}; lists become JSON, passwords in URIs are hidden."""
     container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)

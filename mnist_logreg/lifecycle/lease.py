@@ -27,6 +27,15 @@ def process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (from /proc), or None where /proc cannot tell."""
+    try:
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - int(process_start(os.getpid()) or "") / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
 def holder_tags() -> dict[str, str]:
     """This process, as the holder of the runs it opens, with a first heartbeat."""
     pid = os.getpid()

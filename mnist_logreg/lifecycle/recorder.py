@@ -73,7 +73,7 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
             run.log_inputs(dataset_inputs(job.cfg.data.name, job.files,
                                           {"train": job.train_split, "test": job.test_split}))
             run.create_model(job.experiment_id)
-    return Recorder(job, run, signals, work_dir)
+    return Recorder(job, run, signals, work_dir, int((extra_tags or {}).get("stack.size", 1)))
 
 
 def run_name_of(overrides: list[str]) -> str:
@@ -90,8 +90,9 @@ def run_name_of(overrides: list[str]) -> str:
 class Recorder:
     """Everything one run writes while it trains and when it ends."""
 
-    def __init__(self, job: Job, run: RunLog, signals: JobSignals, work_dir: Path) -> None:
+    def __init__(self, job: Job, run: RunLog, signals: JobSignals, work_dir: Path, stack_size: int = 1) -> None:
         self.job, self.run, self.signals = job, run, signals
+        self.stack_size = stack_size  # an epoch's timing is the whole stack's when above 1
         self.log = job.log
         self.heartbeat = Heartbeat()
         cfg = job.cfg
@@ -155,9 +156,10 @@ class Recorder:
                 self.run.set_tags(beat)
         self.job.clock.seconds["train"] += m.epoch_seconds + m.eval_seconds
         epochs = self.job.cfg.trainer.epochs
+        whose = f"the stack of {self.stack_size}: " if self.stack_size > 1 else ""
         self.log.info(
-            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  %.2fs train + %.2fs eval  (%.0f ex/s)",
-            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc,
+            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  %s%.2fs train + %.2fs eval  (%.0f ex/s)",
+            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc, whose,
             m.epoch_seconds, m.eval_seconds, m.examples_per_second,
         )
 

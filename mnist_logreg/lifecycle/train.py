@@ -39,12 +39,15 @@ def objective(result: dict[str, Any]) -> float:
 
 
 def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,
-               run_name: str | None = None, on_stack: Callable[[str], None] | None = None
+               run_name: str | None = None, on_stack: Callable[[str], None] | None = None,
+               on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None
                ) -> list[dict[str, Any] | Exception]:
     """Train prepared, not-skipped jobs: one alone (group None), or several that share a stack_key as
     one stack tagged with `group`, whose products are as wide as the width probe allows (on_stack is
-    told how many, in words). Returns each job's result, or the exception that ended its run (a lone
-    job raises it instead). Ctrl-C or SIGTERM ends every run KILLED and is re-raised."""
+    told how many, in words). After each epoch, once every run has recorded it, on_epoch_done(epoch,
+    {job index: its EpochMetrics}) hears of the jobs still going. Returns each job's result, or the
+    exception that ended its run (a lone job raises it instead). Ctrl-C or SIGTERM ends every run
+    KILLED and is re-raised."""
     if group is None and len(jobs) != 1:
         raise ValueError("train_jobs trains one job alone, or a named group as a stack")
     if group is not None and len({stack_key(j) for j in jobs}) != 1:
@@ -66,7 +69,7 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
                 recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
                 ends.enter_context(recorder.running())
             recorders.append(recorder)
-        _fit_and_finish(jobs, width.width if width else None, recorders, results)
+        _fit_and_finish(jobs, width.width if width else None, recorders, results, on_epoch_done)
     if group is None and isinstance(results[0], Exception):
         raise results[0]
     return results  # type: ignore[return-value]
@@ -83,7 +86,8 @@ def stack_width(jobs: Sequence[Job]):
         return widest_exact(len(jobs), cfg.model.num_outputs, first.ctx, shapes)
 
 
-def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list) -> None:
+def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list,
+                    on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
     from ..ml.training import fit, to_device
 
     first, cfg = jobs[0], jobs[0].cfg
@@ -104,7 +108,9 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     fit(models, train_d, test_d, epochs=cfg.trainer.epochs, batch_size=cfg.data.batch_size, seed=cfg.seed,
         eval_chunk=cfg.trainer.eval_batch_size, stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
         start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite,
-        on_epoch=lambda member, m: recorders[member.index].epoch(m, member.net, member.trainer, rng))
+        on_epoch=lambda member, m: recorders[member.index].epoch(m, member.net, member.trainer, rng),
+        on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
+            epoch, {member.index: member.history[-1] for member in going}))
     for member, recorder in zip(models.members, recorders):
         if member.failed is None:
             try:

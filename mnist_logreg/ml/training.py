@@ -168,6 +168,7 @@ def fit(
     eval_chunk: int = 10000,
     on_epoch: Callable[[Member, EpochMetrics], None] = lambda member, m: None,
     on_nonfinite: Callable[[Member, str], None] = lambda member, why: None,
+    on_epoch_done: Callable[[int, list[Member]], None] = lambda epoch, going: None,
     stop_on_nonfinite: bool = True,
     start_epoch: int = 1,
     rng: np.random.Generator | None = None,
@@ -180,7 +181,8 @@ def fit(
     losses stay on the device until the epoch ends; the host waits once after training an epoch
     and once after scoring it.
 
-    After each epoch, on_epoch(member, metrics) runs for every member still going. A member whose
+    After each epoch, on_epoch(member, metrics) runs for every member still going, then
+    on_epoch_done(epoch, those members) once. A member whose
     epoch loss is NaN or infinite (with stop_on_nonfinite) gets on_nonfinite(member, reason) once and
     no more callbacks; in a stack its rows keep training harmlessly (rows never mix), and the others
     are unchanged to the bit. The loop ends early when no member is left.
@@ -210,4 +212,5 @@ def fit(
                                    eval_seconds, n / epoch_seconds)
             member.history.append(metrics)
             on_epoch(member, metrics)
+        on_epoch_done(epoch, going)
     return models.members

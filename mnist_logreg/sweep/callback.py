@@ -340,7 +340,11 @@ class SweepTracking(Callback):
         except Exception as exc:  # the store went away: say so, do not mask the real error
             log.warning("could not end sweep run %s: %s", ctx.parent_run_id, exc)
             return
+        from ..lifecycle.lease import process_age
         from ..tracking.links import run_url
+        from .progress import duration
 
-        log.info("sweep %s ended %s; its runs in the MLflow UI (mlflow ui --port 5000, or the server): %s",
-                 ctx.sweep, status, run_url(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id))
+        age = process_age()
+        log.info("sweep %s ended %s%s; its runs in the MLflow UI (mlflow ui --port 5000, or the server): %s",
+                 ctx.sweep, status, f" after {duration(age)}" if age is not None else "",
+                 run_url(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id))

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _member_logger(num: int, output_dir: Path, job_name: str) -> logging.Logger:
     """A logger for one job of a stack: its own log file in its job folder, and the console."""
-    from ..config import RedactPasswords
+    from ..config import QuietJobLines, RedactPasswords
 
     logger = logging.getLogger(f"mnist_logreg.job.{num}")
     logger.setLevel(logging.INFO)
@@ -43,6 +43,8 @@ def _member_logger(num: int, output_dir: Path, job_name: str) -> logging.Logger:
     for handler in (logging.FileHandler(output_dir / f"{job_name}.log"), logging.StreamHandler(sys.stdout)):
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handler.addFilter(RedactPasswords())
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(QuietJobLines())
         logger.addHandler(handler)
     return logger
 
@@ -195,12 +197,23 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     from ..lifecycle.parent import parent_run
     from ..lifecycle.train import stack_key, train_jobs
 
+    from ..config import QuietJobLines
+    from .progress import CONSOLE_JOBS, SweepProgress
+
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     log.info("Launching %d jobs, those that share a batch stream stacked (up to %d per stack)", len(job_overrides),
              launcher.max_stack)
+    quiet = len(job_overrides) > CONSOLE_JOBS
+    if quiet:
+        log.info("\tjobs %s: each job's overrides and lines are in its folder, %s/<N>/ (.hydra/overrides.yaml, "
+                 "%s.log); here, a line per stack and epoch", job_numbers(
+                     [numbers[i] if numbers is not None else initial_job_idx + i for i in range(len(job_overrides))]),
+                 sweep_dir, launcher.config.hydra.job.name)
+    QuietJobLines.active = quiet
     gathering = Gathering(lambda job: train_jobs([job])[0])
     home, hydra_cfg = os.getcwd(), HydraConfig.instance().cfg
     configs: list[DictConfig] = []
@@ -215,7 +228,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     try:
         for i, overrides in enumerate(job_overrides):
             idx = numbers[i] if numbers is not None else initial_job_idx + i
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            if not quiet:
+                log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = idx
@@ -234,14 +248,23 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
         parent = parent_run()
         keys = [stack_key(joined[i].job) if i in joined else None for i in range(len(configs))]
-        for chunk in plan_stacks(keys, launcher.max_stack):
+        chunks = plan_stacks(keys, launcher.max_stack)
+        names = [f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained + k + 1}" for k in range(len(chunks))]
+        progress = SweepProgress(log, [[(int(configs[i].hydra.job.num), list(job_overrides[i]),
+                                         joined[i].job.cfg.trainer.epochs - joined[i].job.start_epoch) for i in chunk]
+                                        for chunk in chunks], names)
+        for k, (chunk, name) in enumerate(zip(chunks, names)):
             launcher.stacks_trained += 1
-            name = f"{parent.sweep if parent else 'stack'}/{launcher.stacks_trained}"
             jobs = [joined[i].job for i in chunk]
             nums = [int(configs[i].hydra.job.num) for i in chunk]
             together = f"stack {name}: jobs {job_numbers(nums)} together (batch size {jobs[0].cfg.data.batch_size})"
+            progress.start(k)
             results = train_jobs(jobs, name, extra_tags=extra_tags,
-                                 on_stack=lambda products: log.info("%s, %s", together, products))
+                                 on_stack=lambda products: log.info("%s, %s", together, products),
+                                 on_epoch_done=(lambda epoch, metrics, k=k: progress.epoch(k, epoch, metrics))
+                                 if quiet else None)
+            if quiet:
+                progress.stack_done(k, results)
             for i, result in zip(chunk, results):
                 HydraConfig.instance().set_config(configs[i])  # as run_job had it while the task ran
                 if configs[i].hydra.job.chdir:
@@ -255,4 +278,5 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             gathering.abandon(paused)
             _close_logger(paused.job.log)
         settle()
+        QuietJobLines.active = False
     return [returns[i] for i in range(len(configs))]
