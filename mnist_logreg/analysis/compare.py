@@ -10,7 +10,7 @@ import pandas as pd
 from ..config import LOCATION_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
-from ..tracking.store import existing_store_client
+from ..tracking.store import existing_store_client, process_tracking_uri
 from ..tracking.tags import TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_seeds
 
@@ -47,11 +47,12 @@ def sweep_runs(uri: str, experiment_id: str, sweep: str, reused: list[str] = ())
     that skipped jobs of the sweep reused (finished earlier with the same fingerprint)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=runs_filter(sweep=sweep),
-                               max_results=MAX_RESULTS, output_format="pandas")
-    extra = [mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"attributes.run_id = '{rid}'",
-                                output_format="pandas") for rid in reused if rid not in set(found.get("run_id", []))]
+    with process_tracking_uri(uri):
+        found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=runs_filter(sweep=sweep),
+                                   max_results=MAX_RESULTS, output_format="pandas")
+        extra = [mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"attributes.run_id = '{rid}'",
+                                    output_format="pandas")
+                 for rid in reused if rid not in set(found.get("run_id", []))]
     frames = [f for f in (found, *extra) if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..errors import HarnessError
+from ..tracking.store import process_tracking_uri
 from ..tracking.tags import TAG_SWEEP
 
 
@@ -27,8 +28,8 @@ def register_best(client, table: pd.DataFrame, sweep: str, name: str):
     except MlflowException:
         client.create_registered_model(name, description="mnist_logreg: best runs of sweeps")
     test_acc = run.data.metrics["test_acc"]
-    version = client.create_model_version(name, f"models:/{models[0].model_id}", run_id=run.info.run_id,
-                                          model_id=models[0].model_id,
-                                          tags={TAG_SWEEP: sweep, "test_acc": f"{test_acc:.6g}"},
-                                          description=f"best of sweep {sweep}: test_acc {test_acc:.4f}")
-    return version
+    with process_tracking_uri(client.tracking_uri):  # where MLflow looks up the models:/ source
+        return client.create_model_version(name, f"models:/{models[0].model_id}", run_id=run.info.run_id,
+                                           model_id=models[0].model_id,
+                                           tags={TAG_SWEEP: sweep, "test_acc": f"{test_acc:.6g}"},
+                                           description=f"best of sweep {sweep}: test_acc {test_acc:.4f}")

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..config import redact
 from ..errors import TrackingError
@@ -267,3 +267,21 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
         ) from exc
 
 
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent calls (search_runs) and `models:/` sources read the process's tracking URI: set
+    it for the body only, then put back both it and $MLFLOW_TRACKING_URI (which set_tracking_uri also
+    sets, for later subprocesses)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
