@@ -89,17 +89,21 @@ def exit_on_interrupt() -> Iterator[None]:
     except SystemExit as exc:
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-        _exit_now(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
-    _exit_now(0)
+        _exit_now(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1), threads=True)
+    _exit_now(0, threads=True)
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int, threads: bool = False) -> None:
     """Exit after the exit handlers (the sweep's parent run ends there, temporary folders go) but
     without the interpreter's teardown, which is slow, and in which MXNet's NDArray finalizers print
     tracebacks once its library is gone."""
     import atexit
     import logging
 
+    if threads:  # what an interpreter's exit does first: join threads, run their exit hooks (loky's
+        import threading  # executor tells its workers to leave there, before multiprocessing joins them)
+
+        threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
