@@ -169,13 +169,17 @@ def test_a_job_config_copied_from_an_earlier_job_equals_the_one_hydra_composes()
         ["optim.lr=0.1", "trainer=default"], ["optim.lr=0.2", "trainer=default"],
     ]
     composer = SweepComposer(loader.load_sweep_config)
-    for overrides in jobs:
-        fast = composer.load_sweep_config(master, overrides)
-        hydra = loader.load_sweep_config(master, overrides)
-        assert OmegaConf.to_container(fast) == OmegaConf.to_container(hydra), overrides
-        app = [k for k in hydra if k != "hydra"]
-        HydraConfig.instance().set_config(hydra)
-        assert (OmegaConf.to_container(OmegaConf.masked_copy(fast, app), resolve=True)
-                == OmegaConf.to_container(OmegaConf.masked_copy(hydra, app), resolve=True)), overrides
+    saved = HydraConfig.instance().cfg  # set below to resolve ${hydra:...}; later tests of this worker need it back
+    try:
+        for overrides in jobs:
+            fast = composer.load_sweep_config(master, overrides)
+            hydra = loader.load_sweep_config(master, overrides)
+            assert OmegaConf.to_container(fast) == OmegaConf.to_container(hydra), overrides
+            app = [k for k in hydra if k != "hydra"]
+            HydraConfig.instance().set_config(hydra)
+            assert (OmegaConf.to_container(OmegaConf.masked_copy(fast, app), resolve=True)
+                    == OmegaConf.to_container(OmegaConf.masked_copy(hydra, app), resolve=True)), overrides
+    finally:
+        HydraConfig.instance().cfg = saved
     # The copies were copies: all but the first of each shape (7 shapes; the rest copied).
     assert len(composer.templates) == 9
