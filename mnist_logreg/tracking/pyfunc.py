@@ -61,33 +61,49 @@ def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.
     logged model `model_id`, whose metrics the run has been logging, and mark it READY.
 
     Every run of a process gets the same MLmodel, environment files and input example but its own
-    weights: MLflow writes them once (`_template`), and each run copies them with its own export and
-    a fresh model uuid, creation time and size."""
-    import datetime
+    weights: MLflow writes them once (`Template`), and each run copies them with its own export and
+    its own model uuid, creation time, size and export paths in the MLmodel."""
     import shutil
-    import uuid
-
-    from mlflow.models import Model
 
     template = _template(example.tobytes(), example.shape, str(example.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "model"
-        shutil.copytree(template, saved)
-        meta = Model.load(str(saved / "MLmodel"))
-        files = meta.flavors["python_function"]["artifacts"]
-        for name, source in ((SYMBOL, "model-symbol.json"), (PARAMS, "model-0000.params")):
-            shutil.copyfile(export_dir / source, saved / files[name]["path"])
-            files[name]["uri"] = str(export_dir / source)
-            meta.model_size_bytes = (meta.model_size_bytes or 0) + (export_dir / source).stat().st_size
-        meta.model_uuid = uuid.uuid4().hex
-        meta.utc_time_created = str(datetime.datetime.utcnow())
-        meta.save(str(saved / "MLmodel"))
+        shutil.copytree(template.folder, saved)
+        for source in ("model-symbol.json", "model-0000.params"):
+            shutil.copyfile(export_dir / source, saved / "artifacts" / source)
+        (saved / "MLmodel").write_text(template.mlmodel(export_dir))
         client.log_model_artifacts(model_id, str(saved))
     client.finalize_logged_model(model_id, "READY")
 
 
+class Template:
+    """A pyfunc saved by MLflow around an empty placeholder export: its MLmodel names the
+    placeholder's folder, a uuid, a creation time and a size, each once, which `mlmodel` replaces
+    with a run's own."""
+
+    def __init__(self, folder: Path, placeholder: Path) -> None:
+        from mlflow.models import Model
+
+        self.folder, self.placeholder = folder, placeholder
+        self.text = (folder / "MLmodel").read_text()
+        meta = Model.load(str(folder / "MLmodel"))
+        self.uuid, self.created, self.size = meta.model_uuid, meta.utc_time_created, meta.model_size_bytes or 0
+        for value in (str(placeholder), self.uuid, self.created, f"model_size_bytes: {self.size}\n"):
+            if self.text.count(value) != (2 if value == str(placeholder) else 1):
+                raise RuntimeError(f"MLflow's MLmodel no longer holds {value!r} as expected: update pyfunc.Template")
+
+    def mlmodel(self, export_dir: Path) -> str:
+        import datetime
+        import uuid
+
+        size = self.size + sum((export_dir / f).stat().st_size for f in ("model-symbol.json", "model-0000.params"))
+        return (self.text.replace(str(self.placeholder), str(export_dir)).replace(self.uuid, uuid.uuid4().hex)
+                .replace(self.created, str(datetime.datetime.utcnow()))
+                .replace(f"model_size_bytes: {self.size}\n", f"model_size_bytes: {size}\n"))
+
+
 @functools.lru_cache(maxsize=2)
-def _template(example: bytes, shape: tuple, dtype: str) -> Path:
+def _template(example: bytes, shape: tuple, dtype: str) -> Template:
     """mlflow.pyfunc.save_model of a placeholder export, once per process and input example: the
     files every run's logged model shares (its empty weights are swapped for the run's by log_model)."""
     import atexit
@@ -110,7 +126,7 @@ def _template(example: bytes, shape: tuple, dtype: str) -> Path:
         pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
                           f"mlflow=={mlflow.__version__}", "pandas"],
     )
-    return root / "model"
+    return Template(root / "model", placeholder)
 
 
 # What MLflow loads when it runs this file as the model's code (see log_model).
