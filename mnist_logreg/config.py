@@ -16,10 +16,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .errors import ConfigError
 
 CONTEXTS = ("cpu", "gpu")
-# The keys that say where things are, not what is computed: left out of the config hash (so a run
-# moved to another store, cache folder or mirror still matches its original) and of reproduce's diff.
-LOCATION_KEYS = ("tracking", "data.root", "data.cache", "data.search", "data.mirrors", "data.md5",
-                 "data.download_timeout", "force", "resume")
+# The keys that never change a run's numbers: where things are (the store, data folders, mirrors),
+# what to do with existing runs (force, resume) and which search trial a run is (search). They are
+# left out of the config hash (so a run moved to another store, or met again by a continued study,
+# still matches its original), of run names, of reproduce's diff and of the comparison's columns.
+NEUTRAL_KEYS = ("tracking", "data.root", "data.cache", "data.search", "data.mirrors", "data.md5",
+                "data.download_timeout", "force", "resume", "search")
 
 
 def override_key(override: str) -> str:

@@ -94,10 +94,10 @@ def _continue_sweep(sweep, overrides: list[str]) -> None:
     import os
     import sys
 
-    from .config import LOCATION_KEYS, is_under, override_key
+    from .config import NEUTRAL_KEYS, is_under, override_key
     from .project import PROJECT_ROOT
 
-    keep = [o for o in overrides if override_key(o) != "resume" and is_under(override_key(o), LOCATION_KEYS)]
+    keep = [o for o in overrides if override_key(o) != "resume" and is_under(override_key(o), NEUTRAL_KEYS)]
     mine = {override_key(o) for o in keep}
     logged = [o for o in sweep.overrides if override_key(o) not in mine]
     argv = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *logged, *keep]

@@ -117,17 +117,3 @@ def test_compare_on_an_empty_experiment(tmp_path, sweep_store, capsys):
     assert "\n" not in proc.stderr.strip()
 
 
-def test_optuna_trials_stack_and_the_best_is_registered(tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
-                    "tracking.register=optuna-best", f"data.root={mnist5k_root}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "Best value" in proc.stdout
-    _, jobs, parents = jobs_and_parents(tmp_path)
-    assert len(parents) == 1 and len(jobs) == 4
-    assert {r.data.tags["stack.size"] for r in jobs} == {"4"}  # the preset's batch of 4 trials, one stack
-    best = float(proc.stdout.split("Best value:")[1].split()[0])
-    assert best == max(r.data.metrics["test_acc"] for r in jobs)
-    client = jobs_and_parents(tmp_path)[0]
-    (version,) = client.search_model_versions("name = 'optuna-best'")  # tracking.register, at the sweep's end
-    assert client.get_run(version.run_id).data.metrics["test_acc"] == best
-    assert version.tags["sweep"] == parents[0].data.tags["sweep"]

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import LOCATION_KEYS
+from ..config import NEUTRAL_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
 from ..tracking.store import existing_store_client, process_tracking_uri
 from ..tracking.tags import TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_seeds
 
-# Params that never become columns: where things went, not what was computed (config.LOCATION_KEYS).
-HIDDEN_PARAMS = LOCATION_KEYS
+# Params that never become columns: the keys that never change the numbers (config.NEUTRAL_KEYS).
+HIDDEN_PARAMS = NEUTRAL_KEYS
 # The table's columns besides the swept axes.
 RESULT_COLUMNS = ("run_id", "test_acc", "best_test_acc", "train_loss", "epochs", "wall_s", "status")
 
@@ -95,9 +95,14 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float
     table["wall_s"] = ((runs["end_time"] - runs["start_time"]).dt.total_seconds() - stopped).round(2)
     table["status"] = runs["status"]
     # FINISHED runs first, best first: a stopped run shows its status and epochs, and is never the best.
+    # A tie goes to the earlier search trial, else to the run that started first: the rule the search
+    # uses for its best (sweep.search.best_trial), so its best is the table's first row.
     table["_unfinished"] = table["status"] != "FINISHED"
-    table = table.sort_values(["_unfinished", "test_acc"], ascending=[True, False], na_position="last")
-    return table.drop(columns="_unfinished").reset_index(drop=True)
+    table["_trial"] = pd.to_numeric(runs.get("tags.search.trial", pd.Series(None, index=runs.index)), errors="coerce")
+    table["_start"] = runs["start_time"]
+    table = table.sort_values(["_unfinished", "test_acc", "_trial", "_start", "run_id"],
+                              ascending=[True, False, True, True, True], na_position="last", kind="stable")
+    return table.drop(columns=["_unfinished", "_trial", "_start"]).reset_index(drop=True)
 
 
 def table_axes(table: pd.DataFrame) -> list[str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import LOCATION_KEYS, flatten
+from ..config import NEUTRAL_KEYS, flatten
 from ..errors import HarnessError
 from ..tracking.queries import job_runs
 from ..tracking.runconfig import logged_config
@@ -112,7 +112,7 @@ def config_diff(client, original, cfg: DictConfig) -> dict[str, tuple]:
     logged = flatten(OmegaConf.create(logged_config(client, original)))
     now = flatten(cfg)
     return {k: (logged.get(k), now.get(k)) for k in sorted(set(logged) | set(now))
-            if not k.startswith(LOCATION_KEYS) and logged.get(k) != now.get(k)}
+            if not k.startswith(NEUTRAL_KEYS) and logged.get(k) != now.get(k)}
 
 
 def runs_to_reproduce(client, run_id: str | None, sweep: str | None, experiment: str) -> list:

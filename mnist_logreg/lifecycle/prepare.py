@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from ..config import LOCATION_KEYS, check_known_keys, is_under, override_key, redact, validate
+from ..config import NEUTRAL_KEYS, check_known_keys, is_under, override_key, redact, validate
 from ..errors import ConfigError
 from ..ml.data import DatasetFiles, Split, load, locate
 from ..tracking.queries import runs_with_fingerprint
@@ -93,8 +93,8 @@ class Job:
         return self.resumed.epoch if self.resumed is not None and self.resumed.checkpoint is not None else 0
 
 
-# Besides where things go (LOCATION_KEYS), what a resumed run may be told: its threads, and Hydra's own keys.
-RESUME_MAY_SET = (*LOCATION_KEYS, "context.threads", "hydra")
+# Besides the keys that never change the numbers (NEUTRAL_KEYS), what a resumed run may be told: its threads, and Hydra's own keys.
+RESUME_MAY_SET = (*NEUTRAL_KEYS, "context.threads", "hydra")
 
 
 def check_resume_overrides(run_id: str, overrides: Sequence[str]) -> None:

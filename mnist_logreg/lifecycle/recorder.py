@@ -66,6 +66,7 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **environment_tags(),
                 **job.fingerprint,
                 **sweep_tags(job.cfg.tracking.uri),
+                **{f"search.{k}": str(v) for k, v in (job.cfg.get("search") or {}).items() if v is not None},
                 **holder,
                 **dict(extra_tags or {}),
             }
@@ -78,11 +79,11 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
 
 def run_name_of(overrides: list[str]) -> str:
     """What a run is, in its name: the overrides that change its numbers (never where things go)."""
-    from ..config import LOCATION_KEYS, is_under, override_key
+    from ..config import NEUTRAL_KEYS, is_under, override_key
 
     def where(override: str) -> bool:
         key = override_key(override)
-        return key.startswith("hydra") or is_under(key, LOCATION_KEYS)
+        return key.startswith("hydra") or is_under(key, NEUTRAL_KEYS)
 
     return redact(" ".join(o for o in overrides if not where(o))) or "defaults"
 

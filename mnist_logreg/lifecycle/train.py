@@ -33,9 +33,26 @@ def stack_key(job: Job) -> tuple:
     return batch_stream(job.cfg, job.files.digest(), str(job.ctx), job.start_epoch)
 
 
-def objective(result: dict[str, Any]) -> float:
-    """What a job returns to Hydra (the optuna sweeper's objective): the final test accuracy."""
-    return result.get("test_acc", float("nan"))
+class Objective(float):
+    """What a job returns to Hydra: its objective, a float as any sweeper reads it, that also names
+    its MLflow run and the run's status (the optuna sweeper links each trial to its run)."""
+
+    run_id: str | None
+    status: str | None
+
+    def __new__(cls, value: float, run_id: str | None = None, status: str | None = None) -> "Objective":
+        made = super().__new__(cls, value)
+        made.run_id, made.status = run_id, status
+        return made
+
+    def __reduce__(self):  # a joblib worker or a Slurm task sends it back pickled
+        return (Objective, (float(self), self.run_id, self.status))
+
+
+def objective(result: dict[str, Any]) -> Objective:
+    """A job's result as what it returns to Hydra: the final test accuracy (NaN for a run that did
+    not finish), with the run's id and status."""
+    return Objective(result.get("test_acc", float("nan")), result.get("run_id"), result.get("status"))
 
 
 def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,

@@ -105,14 +105,14 @@ def sweep_key(config: DictConfig, overrides: list[str]) -> str:
     import hashlib
     import json
 
-    from ..config import LOCATION_KEYS, is_under, override_key
+    from ..config import NEUTRAL_KEYS, is_under, override_key
 
     def counts(override: str) -> bool:
         key = override_key(override)
         if key.startswith("hydra.sweeper") or key == "hydra/sweeper":
             return True
         return not (key in _NOT_THE_SWEEP or key.startswith(("hydra.", "hydra/"))
-                    or is_under(key, LOCATION_KEYS))
+                    or is_under(key, NEUTRAL_KEYS))
 
     params = OmegaConf.select(config, "hydra.sweeper.params")
     facts = {"overrides": sorted(o for o in overrides if counts(o)),

@@ -123,6 +123,7 @@ def _plan(cfg: DictConfig) -> tuple[Any, tuple, Any]:
 
 def _skipped(sweep_config: DictConfig, run, client) -> JobReturn:
     from ..lifecycle.parent import note_reused
+    from ..lifecycle.train import objective
 
     task_cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
     log.info("\tskipped: run %s (%s) already did this point", run.info.run_id, run.info.status)
@@ -130,7 +131,9 @@ def _skipped(sweep_config: DictConfig, run, client) -> JobReturn:
         note_reused(client, str(task_cfg.tracking.uri), run.info.run_id, "skipped")
     ret = JobReturn(overrides=list(sweep_config.hydra.overrides.task), cfg=task_cfg, hydra_cfg=sweep_config,
                     working_dir=os.getcwd(), task_name=str(sweep_config.hydra.job.name))
-    ret.return_value, ret.status = run.data.metrics.get("test_acc", float("nan")), JobStatus.COMPLETED
+    ret.return_value = objective({**run.data.metrics, "run_id": run.info.run_id,
+                                  "status": "SKIPPED" if run.info.status == "FINISHED" else run.info.status})
+    ret.status = JobStatus.COMPLETED
     return ret
 
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import LOCATION_KEYS
+from ..config import NEUTRAL_KEYS
 from ..ml.machine import cpu_model, usable_cpus
 from ..project import PROJECT_ROOT
 from .tags import git_state
@@ -30,7 +30,7 @@ def computed_config(cfg: DictConfig | Mapping) -> dict[str, Any]:
     """The resolved config without the location keys: what decides the numbers."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     container = json.loads(json.dumps(container))  # a deep copy of plain values
-    for key in LOCATION_KEYS:
+    for key in NEUTRAL_KEYS:
         *parents, leaf = key.split(".")
         node = container
         for p in parents:

@@ -1,0 +1,75 @@
+"""The search (hydra/sweeper=optuna, mnist_logreg.sweep.search): real Optuna 5 studies in SQLite,
+trained by the stacked launcher, stopped by a real signal and continued."""
+
+import re
+import signal
+
+import optuna
+
+from conftest import history, jobs_and_parents, run_cli, signal_when, start_cli
+
+
+def _study(folder):
+    return optuna.load_study(study_name="mnist_logreg", storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_path, mnist5k_root):
+    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
+                    "tracking.register=optuna-best", f"data.root={mnist5k_root}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(parents) == 1 and len(jobs) == 4
+    assert {r.data.tags["stack.size"] for r in jobs} == {"4"}  # the preset's batch of 4 trials, one stack
+    said = re.search(r"study mnist_logreg: best trial #(\d+), objective (0\.\d+), run (\w+):", proc.stdout)
+    assert said, proc.stdout[-2000:]
+    best_run = said[3]
+    assert client.get_run(best_run).data.metrics["test_acc"] == max(r.data.metrics["test_acc"] for r in jobs)
+    table_first = re.search(r"sorted by final test_acc:\n.*\n(\w{8}) ", proc.stdout)[1]
+    assert best_run.startswith(table_first)  # one tie rule: the sweeper's best is the table's first row
+    study = _study(tmp_path)
+    assert study.trials[int(said[1])].user_attrs["mlflow.run_id"] == best_run
+    (version,) = client.search_model_versions("name = 'optuna-best'")  # tracking.register, at the sweep's end
+    assert version.run_id == best_run and version.tags["sweep"] == parents[0].data.tags["sweep"]
+
+
+def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,
+                                                                                            mnist5k_root):
+    args = ["-m", "experiments=optuna", "hydra.sweeper.n_trials=8", "trainer.epochs=3", "data.batch_size=8",
+            f"data.root={mnist5k_root}"]
+    out = signal_when(start_cli(args, tmp_path), r"job\.5\]\[INFO\] - epoch 1/3", signal.SIGINT)
+    assert "Stopped by SIGINT" in out and "Traceback" not in out
+    study = _study(tmp_path)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] * 4 + ["RUNNING"] * 4, states  # the second batch was cut short
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    killed = {r.data.tags["search.trial"]: r.info.run_id for r in jobs if r.info.status == "KILLED"}
+    assert sorted(killed) == ["4", "5", "6", "7"]
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "4 of 8 trials done, 4 cut short to train again" in again.stdout
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8  # 8 trials in all: none asked twice
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    assert len(jobs) == 8 and all(r.info.status == "FINISHED" for r in jobs) and len(parents) == 1
+    by_trial = {int(r.data.tags["search.trial"]): r for r in jobs}
+    for trial in study.trials:  # each trial names its run, the run its trial, and the value is the run's
+        run = by_trial[trial.number]
+        assert trial.user_attrs["mlflow.run_id"] == run.info.run_id
+        assert trial.value == run.data.metrics["test_acc"]
+        assert float(run.data.params["optim.lr"]) == trial.params["optim.lr"]
+    for number, run_id in killed.items():  # the cut-short trials went on in their own runs: every epoch once
+        assert by_trial[int(number)].info.run_id == run_id
+        assert [s for s, _ in history(client, run_id, "train_loss")] == [1, 2, 3]
+
+
+def test_a_storage_that_cannot_hold_the_study_is_one_line_exit_2_and_leaves_nothing(tmp_path, mnist5k_root):
+    for storage in (f"sqlite:///{tmp_path}/no/such/folder/optuna.db", "bogus://somewhere/db"):
+        proc = run_cli(["-m", "experiments=optuna", f"hydra.sweeper.storage={storage}", "trainer.epochs=1",
+                        f"data.root={mnist5k_root}"], cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "hydra.sweeper.storage=" in lines[0] and "cannot hold the study" in lines[0], lines
+    assert not list(tmp_path.rglob("optuna.db"))
+    _, jobs, parents = jobs_and_parents(tmp_path)
+    assert jobs == [] and parents == []
