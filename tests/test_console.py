@@ -31,6 +31,8 @@ def test_a_large_sweep_prints_a_line_per_stack_and_epoch_and_keeps_job_lines_in_
     # Errors still reach the console: one line per diverged run.
     assert len(re.findall(r"\[ERROR\] - run \w+ stopped: epoch 1: mean training loss", out)) == 4
     assert re.search(r"sweep \S+ ended FINISHED after [\d.]+ s; its runs in the MLflow UI", out)
+    # The table's columns follow the command's order of axes (sigma, then lr).
+    assert re.search(r"\n +run_id +model\.sigma +optim\.lr +test_acc ", out)
     # Each job's own lines are in its log file, the stack's timing said as such.
     sweep_dir = next((tmp_path / "outputs" / "sweeps").glob("*/*"))
     job_log = (sweep_dir / str(best_num) / "run.log").read_text()

@@ -30,6 +30,9 @@ def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_pat
     assert study.trials[int(said[1])].user_attrs["mlflow.run_id"] == best_run
     (version,) = client.search_model_versions("name = 'optuna-best'")  # tracking.register, at the sweep's end
     assert version.run_id == best_run and version.tags["sweep"] == parents[0].data.tags["sweep"]
+    # A search's comparison: each searched value against the objective, no averaged heatmap.
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+    assert "compare/search.png" in logged and "compare/heatmap.png" not in logged
 
 
 def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,

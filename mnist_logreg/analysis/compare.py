@@ -3,6 +3,7 @@ two swept axes and the spread over seeds, written to a folder and logged on the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,8 +12,8 @@ from ..config import NEUTRAL_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
 from ..tracking.store import existing_store_client, process_tracking_uri
-from ..tracking.tags import TAG_REUSED, TAG_SWEEP
-from .plots import plot_curves, plot_heatmap, plot_seeds
+from ..tracking.tags import TAG_AXES, TAG_REUSED, TAG_SWEEP
+from .plots import plot_curves, plot_heatmap, plot_search, plot_seeds
 
 # Params that never become columns: the keys that never change the numbers (config.NEUTRAL_KEYS).
 HIDDEN_PARAMS = NEUTRAL_KEYS
@@ -80,9 +81,20 @@ def histories(client, run_ids, key: str = "test_acc") -> dict[str, list[tuple[in
     return {rid: sorted((m.step, m.value) for m in client.get_metric_history(rid, key)) for rid in run_ids}
 
 
-def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
-    """A row per run: swept values, final and best test_acc, final train_loss, epochs, wall time, status."""
-    axes = swept_axes(runs)
+# Without the sweep's own order (runs of older versions): the axes researchers sweep most, in this order.
+DEFAULT_ORDER = ("optim.lr", "model.sigma", "data.batch_size")
+
+
+def ordered(axes: list[str], order: list[str] | tuple[str, ...]) -> list[str]:
+    """The axes in the given order, those it does not name after them as they came."""
+    return sorted(axes, key=lambda a: (order.index(a) if a in order else len(order), axes.index(a)))
+
+
+def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float]]],
+                     order: list[str] | tuple[str, ...] = DEFAULT_ORDER) -> pd.DataFrame:
+    """A row per run: swept values (in `order`, the command's), final and best test_acc, final
+    train_loss, epochs, wall time, status."""
+    axes = ordered(swept_axes(runs), order)
     table = pd.DataFrame({"run_id": runs["run_id"]})
     for axis in axes:
         table[axis] = runs[f"params.{axis}"].map(_number)
@@ -134,16 +146,19 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     if runs.empty:
         raise HarnessError(f"sweep {sweep!r} has no runs in experiment {experiment!r}: check --sweep")
     curves = histories(client, runs["run_id"])
-    table = comparison_table(runs, curves)
+    order = next((json.loads(p.data.tags[TAG_AXES]) for p in parents if TAG_AXES in p.data.tags), DEFAULT_ORDER)
+    table = comparison_table(runs, curves, order)
     output = Path(output or Path("outputs") / "compare" / sweep)
     output.mkdir(parents=True, exist_ok=True)
     table.to_csv(output / "comparison.csv", index=False)
-    order = ["optim.lr", "model.sigma", "data.batch_size"]
-    axes = sorted((a for a in swept_axes(runs) if a != "seed"),
-                  key=lambda a: order.index(a) if a in order else len(order))
+    axes = [a for a in table_axes(table) if a != "seed"]
     plot_curves(table, curves, output / "learning_curves.png", axes)
-    if len(axes) >= 2:  # more axes: the first two, averaged over the others
-        plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", averaged=axes[2:])
+    searched = "tags.search.trial" in runs and runs["tags.search.trial"].notna().any()
+    if searched:  # a search: each searched value against the objective
+        plot_search(table, axes, output / "search.png")
+    elif len(axes) >= 2:  # a grid: the first two axes, a panel per value of the others
+        plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", facets=axes[2:],
+                     averaged=["seed"] if "seed" in table.columns else [])
     spread = seed_spread(table)
     if spread is not None:
         spread.to_csv(output / "seeds.csv", index=False)

@@ -99,6 +99,17 @@ TAG_CONTINUATIONS = "sweep.continuations"
 _NOT_THE_SWEEP = ("force", "resume", "hydra", "hydra/launcher")
 
 
+def axis_order(config: DictConfig, overrides: list[str]) -> list[str]:
+    """The keys the sweep may vary, in the order its researcher wrote them: the sweeper's params (a
+    preset's, or the search space) first, then the command line's overrides. The comparison's
+    columns and plots follow it."""
+    from ..config import override_key
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    keys = [str(k) for k in params] + [override_key(o) for o in overrides]
+    return [k for i, k in enumerate(keys) if k not in keys[:i] and not k.startswith("hydra.")]
+
+
 def sweep_key(config: DictConfig, overrides: list[str]) -> str:
     """What makes two launches the same sweep: the overrides that choose its points (never where
     things go, nor the launcher), the sweeper and its searched params, as one hash."""
@@ -191,7 +202,7 @@ class SweepTracking(Callback):
 
         from ..tracking.runlog import RunLog
         from ..tracking.store import client_for, ensure_experiment
-        from ..tracking.tags import TAG_REUSED, TAG_ROLE, TAG_SWEEP, command_line, context_tags, git_state
+        from ..tracking.tags import TAG_AXES, TAG_REUSED, TAG_ROLE, TAG_SWEEP, command_line, context_tags, git_state
         from .stopping import install as install_signal_handlers, stop_workers
 
         if not HydraConfig.initialized():  # so that ${hydra:runtime.cwd} resolves here too
@@ -224,6 +235,7 @@ class SweepTracking(Callback):
         self._parent.hand_down()
         tags = {TAG_SWEEP: sweep, TAG_ROLE: "sweep", TAG_SWEEP_KEY: key, "hydra.overrides": redact(" ".join(overrides)),
                 "hydra.overrides.json": redact(json.dumps(overrides)),
+                TAG_AXES: json.dumps(axis_order(config, overrides)),
                 "hydra.sweep.dir": str(config.hydra.sweep.dir), "command": command_line(), **git_state(),
                 **context_tags(), **holder_tags()}
 

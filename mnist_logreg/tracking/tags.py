@@ -16,6 +16,8 @@ TAG_SWEEP = "sweep"
 TAG_ROLE = "mnist_logreg.role"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_FAILURE = "failure"
+# On a sweep's parent run: the keys it may vary, in the order its command gave them (JSON).
+TAG_AXES = "sweep.axes"
 # On a sweep's parent run, `reused.<run id>` names a FINISHED run a skipped job stood for.
 TAG_REUSED = "reused"
 # Where a run keeps its per-epoch checkpoints while it trains (a relaunch looks there when a
