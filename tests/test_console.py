@@ -31,6 +31,10 @@ def test_a_large_sweep_prints_a_line_per_stack_and_epoch_and_keeps_job_lines_in_
     # Errors still reach the console: one line per diverged run.
     assert len(re.findall(r"\[ERROR\] - run \w+ stopped: epoch 1: mean training loss", out)) == 4
     assert re.search(r"sweep \S+ ended FINISHED after [\d.]+ s; its runs in the MLflow UI", out)
+    # One seed per config: the commands that tell whether the top 3's order is more than noise.
+    hint = out.split("one seed per config")[1].splitlines()[1:4]
+    assert all(re.fullmatch(r"python run\.py -m trainer\.epochs=2 data\.batch_size=96 "
+                            r"data\.root=\S+ model\.sigma=\S+ optim\.lr=\S+ seed=1,2,3,4,5", h) for h in hint), hint
     # The table's columns follow the command's order of axes (sigma, then lr).
     assert re.search(r"\n +run_id +model\.sigma +optim\.lr +test_acc ", out)
     # Each job's own lines are in its log file, the stack's timing said as such.

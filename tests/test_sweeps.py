@@ -52,7 +52,27 @@ def sweep_store(tmp_path_factory, mnist5k_root):
     proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.1,0.5",
                     "model.sigma=0.1,1.0", "seed=1,2", "trainer.epochs=1", f"data.root={mnist5k_root}"], cwd=folder)
     assert proc.returncode == 0, proc.stderr
+    (folder / "stdout.txt").write_text(proc.stdout)
     return folder
+
+
+def test_a_seeded_sweep_ends_with_mean_and_std_per_config_and_marks_those_within_noise(sweep_store):
+    import re
+
+    from mnist_logreg.analysis.compare import comparison_table, histories, seed_spread, sweep_runs
+
+    out = (sweep_store / "stdout.txt").read_text()
+    printed = out.split("over seeds, best mean first")[1].splitlines()[2:6]
+    assert len(printed) == 4 and all(re.search(r"0\.\d{4} ± 0\.\d{4} +2 ", line) for line in printed), printed
+    assert printed[0].rstrip().endswith("*")  # the best is within noise of itself
+    client, jobs, parents = jobs_and_parents(sweep_store)
+    runs = sweep_runs(store_uri(sweep_store), parents[0].info.experiment_id, parents[0].data.tags["sweep"])
+    spread = seed_spread(comparison_table(runs, histories(client, runs["run_id"])))
+    best = spread.iloc[0]
+    for line, (_, row) in zip(printed, spread.iterrows()):  # marked exactly when within one std of the best
+        noise = max(row["std"], best["std"])
+        assert line.rstrip().endswith("*") == (best["mean"] - row["mean"] <= noise), (line, row.to_dict())
+    assert "one seed per config" not in out
 
 
 def test_parallel_writers_exact_counts(sweep_store):

@@ -169,6 +169,38 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     return table, output
 
 
+def within_noise(spread: pd.DataFrame) -> pd.Series:
+    """Per config of a seeded sweep (seed_spread, best mean first): whether its mean is within one
+    standard deviation (the larger of its own and the best's) of the best config's mean."""
+    best = spread.iloc[0]
+    noise = spread["std"].fillna(0).clip(lower=float(0 if pd.isna(best["std"]) else best["std"]))
+    return (best["mean"] - spread["mean"]) <= noise
+
+
+def format_spread(spread: pd.DataFrame) -> str:
+    """The seeded sweep's configs: test_acc as mean ± std over n seeds, `*` on those within noise."""
+    shown = spread.drop(columns=["mean", "std", "count"]).copy()
+    shown["test_acc (mean ± std)"] = [f"{m:.4f} ± {0 if pd.isna(d) else d:.4f}" for m, d in zip(spread["mean"],
+                                                                                              spread["std"])]
+    shown["seeds"] = spread["count"].astype(int)
+    shown["within noise of the best"] = ["*" if w else "" for w in within_noise(spread)]
+    return shown.to_string(index=False)
+
+
+def seeds_command(table: pd.DataFrame, overrides: list[str], top: int = 3, seeds: int = 5) -> list[str]:
+    """For a sweep of one seed per config: the commands that train its `top` configs over `seeds`
+    seeds, to see whether their order is more than noise."""
+    from ..config import is_under, override_key
+
+    axes = table_axes(table)
+    kept = [o for o in overrides if override_key(o) not in axes and "," not in o and "(" not in o
+            and not is_under(override_key(o), ("search", "seed", "force", "resume"))
+            and not override_key(o).startswith("hydra")]
+    finished = table[table["status"] == "FINISHED"].head(top)
+    return [" ".join(["python run.py -m", *kept, *(f"{a}={row[a]}" for a in axes), f"seed={','.join(map(str, range(1, seeds + 1)))}"])
+            for _, row in finished.iterrows()]
+
+
 def format_table(table: pd.DataFrame) -> str:
     shown = table.assign(run_id=table["run_id"].str[:8])
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .compare import compare, format_table
+from .compare import compare, format_spread, format_table, seed_spread, seeds_command
 from .registry import register_best
 
 log = logging.getLogger("mnist_logreg.sweep.callback")
@@ -22,7 +22,26 @@ def summarize_sweep(client, tracking_uri: str, experiment: str, sweep: str, outp
     table, folder = compare(tracking_uri, experiment, sweep, output)
     log.info("sweep %s, sorted by final test_acc:\n%s\n(plots in %s; python -m mnist_logreg.compare "
              "redraws them)", sweep, format_table(table), folder)
+    spread = seed_spread(table)
+    if spread is not None and int(spread["count"].max()) > 1:
+        log.info("over seeds, best mean first (* within one standard deviation of the best: not told apart by "
+                 "these seeds):\n%s", format_spread(spread))
+    elif (table["status"] == "FINISHED").sum() > 1:
+        overrides = sweep_overrides(client, experiment, sweep)
+        log.info("one seed per config: whether the top configs' order is more than noise, these tell "
+                 "(5 seeds each):\n%s", "\n".join(seeds_command(table, overrides)))
     if register:
         version = register_best(client, table, sweep, register)
         log.info("registered %s version %s: run %s (test_acc %s)", register, version.version,
                  version.run_id, version.tags["test_acc"])
+
+
+def sweep_overrides(client, experiment: str, sweep: str) -> list[str]:
+    """The command-line overrides of the sweep (its parent run's record)."""
+    import json
+
+    from ..tracking.queries import sweep_parents
+
+    exp = client.get_experiment_by_name(experiment)
+    parents = sweep_parents(client, exp.experiment_id, sweep) if exp is not None else []
+    return json.loads(parents[0].data.tags.get("hydra.overrides.json", "[]")) if parents else []
