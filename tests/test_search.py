@@ -76,3 +76,33 @@ def test_a_storage_that_cannot_hold_the_study_is_one_line_exit_2_and_leaves_noth
     assert not list(tmp_path.rglob("optuna.db"))
     _, jobs, parents = jobs_and_parents(tmp_path)
     assert jobs == [] and parents == []
+
+
+def test_a_pruner_stops_hopeless_trials_in_their_stack_and_the_survivors_stay_bit_identical(tmp_path, mnist5k_root):
+    from mnist_logreg import reproduce
+
+    from conftest import store_uri
+
+    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=8", "trainer.epochs=3",
+                    "hydra.sweeper.pruner={name: median, n_startup_trials: 2}", f"data.root={mnist5k_root}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    study = _study(tmp_path)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials), [t.state for t in study.trials]
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    by_trial = {int(r.data.tags["search.trial"]): r for r in jobs}
+    for trial in pruned:  # marked on the run: the epoch it stopped at, FINISHED so that no relaunch continues it
+        run = by_trial[trial.number]
+        stopped = int(run.data.tags["pruned"])
+        assert run.info.status == "FINISHED" and 1 <= stopped < 3
+        assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == list(range(stopped + 1))
+        assert re.search(rf"\n{run.info.run_id[:8]} .* {stopped} +\S+ +PRUNED\n", proc.stdout)
+    best = re.search(r"best trial #(\d+)", proc.stdout)[1]
+    assert int(best) not in {t.number for t in pruned}
+    # The survivors of a stack that pruned some of its members equal their lone training, bit for bit.
+    stack = by_trial[pruned[0].number].data.tags["stack.group"]
+    survivors = [r for r in jobs if r.data.tags["stack.group"] == stack and "pruned" not in r.data.tags]
+    assert survivors
+    for run in survivors:
+        assert reproduce.main([run.info.run_id, "--tracking-uri", store_uri(tmp_path)]) == 0

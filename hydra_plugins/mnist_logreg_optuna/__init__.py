@@ -36,8 +36,9 @@ class OptunaSweeperConf:
     # trials per batch: the stacked launcher trains a batch as one stack
     n_jobs: int = 4
     sampler: SamplerConf = field(default_factory=SamplerConf)
-    # null (none), median or hyperband
-    pruner: Optional[str] = None
+    # null (none), median or hyperband, or {name: median, n_startup_trials: 2, ...}: stops hopeless
+    # trials (stack members included) after an epoch
+    pruner: Optional[Any] = None
     # key: Hydra sweep syntax, e.g. optim.lr: tag(log, interval(0.001, 2.0))
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -49,7 +50,7 @@ class OptunaSweeper(Sweeper):
     """Ask a batch of trials, launch it, tell the objectives; the study persists between launches."""
 
     def __init__(self, direction: str, study_name: Optional[str], storage: Optional[str], n_trials: int, n_jobs: int,
-                 sampler: Any, pruner: Optional[str], params: Optional[Dict[str, Any]]) -> None:
+                 sampler: Any, pruner: Any, params: Optional[Dict[str, Any]]) -> None:
         self.options = dict(direction=direction, study_name=study_name, storage=storage, n_trials=n_trials,
                             n_jobs=n_jobs, seed=(sampler or {}).get("seed"), pruner=pruner, params=dict(params or {}))
         self.config: Optional[DictConfig] = None

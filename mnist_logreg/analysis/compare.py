@@ -12,7 +12,7 @@ from ..config import NEUTRAL_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
 from ..tracking.store import existing_store_client, process_tracking_uri
-from ..tracking.tags import TAG_AXES, TAG_REUSED, TAG_SWEEP
+from ..tracking.tags import TAG_AXES, TAG_PRUNED, TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_search, plot_seeds
 
 # Params that never become columns: the keys that never change the numbers (config.NEUTRAL_KEYS).
@@ -105,7 +105,8 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float
     table["epochs"] = [max((s for s, _ in curves.get(r, [])), default=0) for r in runs["run_id"]]
     stopped = pd.to_numeric(runs.get("tags.stopped_s", pd.Series(0.0, index=runs.index)), errors="coerce").fillna(0.0)
     table["wall_s"] = ((runs["end_time"] - runs["start_time"]).dt.total_seconds() - stopped).round(2)
-    table["status"] = runs["status"]
+    pruned = runs.get(f"tags.{TAG_PRUNED}", pd.Series(None, index=runs.index)).notna()
+    table["status"] = runs["status"].where(~pruned, "PRUNED")  # a search stopped it: never the best
     # FINISHED runs first, best first: a stopped run shows its status and epochs, and is never the best.
     # A tie goes to the earlier search trial, else to the run that started first: the rule the search
     # uses for its best (sweep.search.best_trial), so its best is the table's first row.
@@ -196,9 +197,25 @@ def seeds_command(table: pd.DataFrame, overrides: list[str], top: int = 3, seeds
     kept = [o for o in overrides if override_key(o) not in axes and "," not in o and "(" not in o
             and not is_under(override_key(o), ("search", "seed", "force", "resume"))
             and not override_key(o).startswith("hydra")]
+    kept = [o for o in kept if override_key(o) != "experiments" or not _only_sweeps(o.split("=", 1)[1])]
     finished = table[table["status"] == "FINISHED"].head(top)
-    return [" ".join(["python run.py -m", *kept, *(f"{a}={row[a]}" for a in axes), f"seed={','.join(map(str, range(1, seeds + 1)))}"])
-            for _, row in finished.iterrows()]
+    return [" ".join(["python run.py -m", *kept, *(f"{a}={row[a]}" for a in axes),
+                      f"seed={','.join(map(str, range(1, seeds + 1)))}"]) for _, row in finished.iterrows()]
+
+
+def _only_sweeps(preset: str) -> bool:
+    """Whether experiments/<preset>.yaml sets only the sweep (hydra's keys): re-running single points
+    leaves it out."""
+    import yaml
+
+    from ..project import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "experiments" / f"{preset}.yaml"
+    try:
+        keys = set(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return False
+    return keys <= {"hydra", "defaults"}
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..ml.data import DatasetFiles, Split, load, locate
 from ..tracking.queries import runs_with_fingerprint
 from ..tracking.store import client_for, ensure_experiment
-from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_SWEEP
+from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_PRUNED, TAG_SWEEP
 from .parent import note_reused, parent_run
 
 log = logging.getLogger("mnist_logreg.job")
@@ -264,7 +264,8 @@ def skip(job: Job) -> dict[str, Any]:
     job.log.info("skipped: run %s already FINISHED this config on this code and data "
                  "(force=true runs it again)", done.info.run_id)
     note_reused(job.client, job.cfg.tracking.uri, done.info.run_id, "skipped")  # the comparison still shows it
-    return {"run_id": done.info.run_id, "status": "SKIPPED", **done.data.metrics}
+    status = "PRUNED" if TAG_PRUNED in done.data.tags else "SKIPPED"  # a search stopped that run early
+    return {"run_id": done.info.run_id, "status": status, **done.data.metrics}
 
 
 def seed_everything(seed: int) -> None:

@@ -24,7 +24,8 @@ from ..ml import checkpoint
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
 from ..tracking.runlog import RunLog
-from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_ROLE, command_line, environment_tags
+from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
+                             command_line, environment_tags)
 from .lease import Heartbeat, holder_tags
 from .parent import mark_interrupted
 from .prepare import SERVER_PATIENCE_S, Job
@@ -172,8 +173,18 @@ class Recorder:
         self.result.update(status="FAILED", failure=reason)
         return self.result
 
+    def pruned(self, reason: str, epoch: int) -> None:
+        """A search stopped this run after `epoch`: it is complete as far as it went (it ends
+        FINISHED, so a relaunch never continues it), tagged `pruned` with the epoch, and says so
+        in the UI's description; its result and the comparison call it PRUNED."""
+        with self.signals.deferred():
+            self.run.set_tags({TAG_PRUNED: str(epoch), TAG_PRUNED_WHY: reason,
+                               "mlflow.note.content": f"Pruned after epoch {epoch}: {reason}"})
+        self.log.info("run %s pruned after epoch %d: %s", self.run.run_id, epoch, reason)
+        self.result["pruned"] = epoch
+
     def finish(self, net, test, history) -> dict[str, Any]:
-        """Weights hash and artifacts; the run then ends FINISHED."""
+        """Weights hash and artifacts; the run then ends FINISHED (its result says PRUNED if pruned)."""
         from ..ml.model import params_hash
         from .artifacts import log_artifacts
 
@@ -182,7 +193,8 @@ class Recorder:
             self.run.set_tags({"params.sha256": params_hash(net)})
             log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir)
         self.status = "FINISHED"
-        self.result.update(history[-1].as_metrics(), status=self.status, epochs=len(history))
+        self.result.update(history[-1].as_metrics(), status="PRUNED" if "pruned" in self.result else self.status,
+                           epochs=len(history))
         return self.result
 
     def close(self) -> None:

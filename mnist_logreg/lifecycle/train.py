@@ -55,6 +55,16 @@ def objective(result: dict[str, Any]) -> Objective:
     return Objective(result.get("test_acc", float("nan")), result.get("run_id"), result.get("status"))
 
 
+# A search's say over its trials after each epoch (sweep.search sets it in the launching process):
+# judge(job, metrics) returns a reason to stop that job's run there (it is pruned), or None.
+_epoch_judge: Callable[[Job, Any], str | None] | None = None
+
+
+def set_epoch_judge(judge: Callable[[Job, Any], str | None] | None) -> None:
+    global _epoch_judge
+    _epoch_judge = judge
+
+
 def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,
                run_name: str | None = None, on_stack: Callable[[str], None] | None = None,
                on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None
@@ -122,15 +132,20 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     def on_nonfinite(member, reason: str) -> None:
         results[member.index] = recorders[member.index].nonfinite(reason)
 
+    def on_epoch(member, m) -> str | None:
+        recorders[member.index].epoch(m, member.net, member.trainer, rng)
+        return _epoch_judge(jobs[member.index], m) if _epoch_judge is not None else None
+
     fit(models, train_d, test_d, epochs=cfg.trainer.epochs, batch_size=cfg.data.batch_size, seed=cfg.seed,
         eval_chunk=cfg.trainer.eval_batch_size, stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
-        start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite,
-        on_epoch=lambda member, m: recorders[member.index].epoch(m, member.net, member.trainer, rng),
+        start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch,
         on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
             epoch, {member.index: member.history[-1] for member in going}))
     for member, recorder in zip(models.members, recorders):
         if member.failed is None:
             try:
+                if member.stopped is not None:
+                    recorder.pruned(member.stopped, member.history[-1].epoch)
                 results[member.index] = recorder.finish(member.net, test_d, member.history)
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
                 if width is not None:

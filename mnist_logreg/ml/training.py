@@ -118,12 +118,14 @@ def run_epoch(loss_block: gluon.HybridBlock, update: Callable[[int], None], trai
 @dataclass
 class Member:
     """One model of a loop: a Dense and its gluon.Trainer, so checkpoints, scoring and export see an
-    ordinary Gluon model; `failed` says why it stopped (its loss went NaN or infinite)."""
+    ordinary Gluon model; `failed` says why it stopped (its loss went NaN or infinite), `stopped`
+    why it was told to stop (a search pruned it)."""
 
     index: int
     net: gluon.nn.Dense
     trainer: gluon.Trainer
     failed: str | None = None
+    stopped: str | None = None
     history: list[EpochMetrics] = field(default_factory=list)
 
 
@@ -166,7 +168,7 @@ def fit(
     batch_size: int,
     seed: int,
     eval_chunk: int = 10000,
-    on_epoch: Callable[[Member, EpochMetrics], None] = lambda member, m: None,
+    on_epoch: Callable[[Member, EpochMetrics], str | None] = lambda member, m: None,
     on_nonfinite: Callable[[Member, str], None] = lambda member, why: None,
     on_epoch_done: Callable[[int, list[Member]], None] = lambda epoch, going: None,
     stop_on_nonfinite: bool = True,
@@ -182,7 +184,9 @@ def fit(
     and once after scoring it.
 
     After each epoch, on_epoch(member, metrics) runs for every member still going, then
-    on_epoch_done(epoch, those members) once. A member whose
+    on_epoch_done(epoch, those members) once. When on_epoch returns a reason, the member stops there
+    (`member.stopped`): it gets no more callbacks, and in a stack its rows keep training harmlessly,
+    as a diverged member's do. A member whose
     epoch loss is NaN or infinite (with stop_on_nonfinite) gets on_nonfinite(member, reason) once and
     no more callbacks; in a stack its rows keep training harmlessly (rows never mix), and the others
     are unchanged to the bit. The loop ends early when no member is left.
@@ -195,7 +199,7 @@ def fit(
         epoch_seconds = time.perf_counter() - t0
         going = []
         for member in models.members:
-            if member.failed is not None:
+            if member.failed is not None or member.stopped is not None:
                 continue
             if stop_on_nonfinite and not math.isfinite(train_losses[member.index]):
                 member.failed = f"epoch {epoch}: mean training loss is {train_losses[member.index]}"
@@ -211,6 +215,8 @@ def fit(
             metrics = EpochMetrics(epoch, train_losses[member.index], *accs[member.index], epoch_seconds,
                                    eval_seconds, n / epoch_seconds)
             member.history.append(metrics)
-            on_epoch(member, metrics)
+            member.stopped = on_epoch(member, metrics) or None
         on_epoch_done(epoch, going)
+        if all(m.failed is not None or m.stopped is not None for m in models.members):
+            break
     return models.members

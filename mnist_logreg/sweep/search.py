@@ -126,14 +126,22 @@ def open_study(name: str, storage: str, direction: str, seed: int | None, pruner
                           "sqlite:///PATH in a folder that exists, or a reachable database URL") from exc
 
 
-def make_pruner(name: str | None):
+def make_pruner(pruner: Any):
+    """hydra.sweeper.pruner: null (none), median or hyperband, or {name: median, ARG: VALUE, ...}
+    with the pruner's own arguments (n_startup_trials, n_warmup_steps, ...)."""
     import optuna
 
     pruners = {None: optuna.pruners.NopPruner, "none": optuna.pruners.NopPruner,
                "median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+    args = dict(pruner) if hasattr(pruner, "items") else {"name": pruner}
+    name = args.pop("name", None)
     if name not in pruners:
-        raise ConfigError(f"hydra.sweeper.pruner={name!r} is not allowed: null, median or hyperband")
-    return pruners[name]()
+        raise ConfigError(f"hydra.sweeper.pruner={name!r} is not allowed: null, median or hyperband "
+                          "(or {name: median, n_startup_trials: 2, ...})")
+    try:
+        return pruners[name](**args)
+    except TypeError as exc:
+        raise ConfigError(f"hydra.sweeper.pruner: {exc}") from exc
 
 
 def _holder() -> str:
@@ -187,6 +195,8 @@ class Search:
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 
+        from ..lifecycle.train import set_epoch_judge
+
         space, fixed = search_space(self.params, arguments)
         storage = storage_url(self.storage_arg, self.config.tracking.uri)
         study = open_study(self.name, storage, self.direction, self.seed, self.pruner)
@@ -211,7 +221,12 @@ class Search:
                 trial.set_user_attr(HOLDER_ATTR, holder)
                 numbered.append((trial.number, {k: _suggest(trial, k, d) for k, d in space.items()}))
             overrides = [trial_overrides(fixed, params, self.name, number) for number, params in numbered]
-            batch_returns = self.launcher.launch(overrides, initial_job_idx=job_idx)
+            live = {number: _trial(study, number) for number, _ in numbered}
+            set_epoch_judge(lambda job, m: self._judge(live, job, m))
+            try:
+                batch_returns = self.launcher.launch(overrides, initial_job_idx=job_idx)
+            finally:
+                set_epoch_judge(None)
             job_idx += len(overrides)
             for (number, _), ret in zip(numbered, batch_returns):
                 result = ret._return_value if ret.status == JobStatus.COMPLETED else None
@@ -219,13 +234,28 @@ class Search:
                 run_id = getattr(result, "run_id", None)
                 if run_id:
                     _trial(study, number).set_user_attr(RUN_ID_ATTR, run_id)
-                if value is None:
+                if getattr(result, "status", None) == "PRUNED":
+                    study.tell(number, state=TrialState.PRUNED)
+                elif value is None:
                     study.tell(number, state=TrialState.FAIL)
                 else:
                     study.tell(number, value)
             returns.append(batch_returns)
         self._say_best(study)
         return returns
+
+    def _judge(self, live: dict, job, m) -> str | None:
+        """After each epoch of a trial's run: report its objective to the trial, and stop the run
+        when the pruner says so."""
+        search = job.cfg.get("search") or {}
+        trial = live.get(search.get("trial")) if search.get("study") == self.name else None
+        if trial is None or self.pruner in (None, "none"):
+            return None
+        value = m.test_acc
+        trial.report(value, m.epoch)
+        if trial.should_prune():
+            return f"the search's pruner stopped it (test_acc {value:.4f} after epoch {m.epoch})"
+        return None
 
     def _say_best(self, study) -> None:
         best = best_trial(study)

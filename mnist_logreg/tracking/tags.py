@@ -16,6 +16,8 @@ TAG_SWEEP = "sweep"
 TAG_ROLE = "mnist_logreg.role"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_FAILURE = "failure"
+# On a run a search pruned: the last epoch it trained, and why.
+TAG_PRUNED, TAG_PRUNED_WHY = "pruned", "pruned.reason"
 # On a sweep's parent run: the keys it may vary, in the order its command gave them (JSON).
 TAG_AXES = "sweep.axes"
 # On a sweep's parent run, `reused.<run id>` names a FINISHED run a skipped job stood for.
