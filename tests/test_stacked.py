@@ -351,7 +351,7 @@ def test_a_sweeps_console_is_the_harness_lines_only(card, launcher):
     or the comparison table at the end)."""
     stdout, stderr = ((card[launcher] / name).read_text() for name in ("stdout.txt", "stderr.txt"))
     assert stderr == ""
-    table = re.compile(r"^ *run_id |^[0-9a-f]{8} |^\(plots in ")
+    table = re.compile(r"^ *run_id |^[0-9a-f]{8} |^\(plots in |^python run\.py -m ")  # the table, the seeds hint
     foreign = [line for line in stdout.splitlines() if not line.startswith("[20") and not table.match(line)]
     assert not foreign, foreign[:5]
     for noise in ("WARNING mlflow", "INFO mlflow", "Downloading artifacts", "UserWarning", "CloudPickle", "pip version"):
