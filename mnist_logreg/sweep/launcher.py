@@ -219,6 +219,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     configs: list[DictConfig] = []
     returns: dict[int, JobReturn] = {}
     joined: dict[int, Any] = {}
+    hydra_of: dict[int, Any] = {}
 
     def settle() -> None:  # what run_job leaves behind, as basic leaves it between jobs
         HydraConfig.instance().cfg = hydra_cfg
@@ -238,11 +239,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             paused, ret = gathering.start(run_job, hydra_context=launcher.hydra_context,
                                           task_function=launcher.task_function, config=sweep_config,
                                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            job_hydra = HydraConfig.instance().cfg  # what run_job set for the task (a copy of the job's hydra node)
             settle()
             if paused is None:
                 returns[i] = ret  # ran to its end: another app's task, a skipped or a refused job
             else:
                 joined[i] = paused
+                hydra_of[i] = job_hydra
                 hc = sweep_config.hydra
                 paused.job.log = _member_logger(idx, Path(hc.runtime.output_dir), hc.job.name)
 
@@ -266,7 +269,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             if quiet:
                 progress.stack_done(k, results)
             for i, result in zip(chunk, results):
-                HydraConfig.instance().set_config(configs[i])  # as run_job had it while the task ran
+                HydraConfig.instance().cfg = hydra_of.pop(i)  # as run_job had it while the task ran
                 if configs[i].hydra.job.chdir:
                     os.chdir(configs[i].hydra.runtime.output_dir)
                 paused = joined.pop(i)
