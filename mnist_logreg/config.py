@@ -53,6 +53,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.wd": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.val_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (training examples held out)"),
+    "data.val_seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "data.name": (_nonempty_str, "a dataset name"),
     "data.root": (lambda v: v is None or _nonempty_str(v), "null or a folder path"),
     "data.download_timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),

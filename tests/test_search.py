@@ -14,17 +14,19 @@ def _study(folder):
 
 
 def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_path, mnist5k_root):
-    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
+    proc = run_cli(["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=4", "trainer.epochs=1",
                     "tracking.register=optuna-best", f"data.root={mnist5k_root}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     client, jobs, parents = jobs_and_parents(tmp_path)
     assert len(parents) == 1 and len(jobs) == 4
     assert {r.data.tags["stack.size"] for r in jobs} == {"4"}  # the preset's batch of 4 trials, one stack
-    said = re.search(r"study mnist_logreg: best trial #(\d+), objective (0\.\d+), run (\w+):", proc.stdout)
+    said = re.search(r"study mnist_logreg: best trial #(\d+), val_acc (0\.\d+), run (\w+):", proc.stdout)
     assert said, proc.stdout[-2000:]
     best_run = said[3]
-    assert client.get_run(best_run).data.metrics["test_acc"] == max(r.data.metrics["test_acc"] for r in jobs)
-    table_first = re.search(r"sorted by final test_acc:\n.*\n(\w{8}) ", proc.stdout)[1]
+    # The objective is the held-out val_acc, not the test set's accuracy.
+    assert client.get_run(best_run).data.metrics["val_acc"] == max(r.data.metrics["val_acc"] for r in jobs)
+    table_first = re.search(r"sorted by final val_acc \(the held-out validation split; test_acc is for "
+                            r"reporting\):\n.*\n(\w{8}) ", proc.stdout)[1]
     assert best_run.startswith(table_first)  # one tie rule: the sweeper's best is the table's first row
     study = _study(tmp_path)
     assert study.trials[int(said[1])].user_attrs["mlflow.run_id"] == best_run
@@ -37,7 +39,7 @@ def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_pat
 
 def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,
                                                                                             mnist5k_root):
-    args = ["-m", "experiments=optuna", "hydra.sweeper.n_trials=8", "trainer.epochs=3", "data.batch_size=8",
+    args = ["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=8", "trainer.epochs=3", "data.batch_size=8",
             f"data.root={mnist5k_root}"]
     out = signal_when(start_cli(args, tmp_path), r"job\.5\]\[INFO\] - epoch 1/3", signal.SIGINT)
     assert "Stopped by SIGINT" in out and "Traceback" not in out
@@ -59,7 +61,7 @@ def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_tria
     for trial in study.trials:  # each trial names its run, the run its trial, and the value is the run's
         run = by_trial[trial.number]
         assert trial.user_attrs["mlflow.run_id"] == run.info.run_id
-        assert trial.value == run.data.metrics["test_acc"]
+        assert trial.value == run.data.metrics["val_acc"]
         assert float(run.data.params["optim.lr"]) == trial.params["optim.lr"]
     for number, run_id in killed.items():  # the cut-short trials went on in their own runs: every epoch once
         assert by_trial[int(number)].info.run_id == run_id
@@ -68,7 +70,7 @@ def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_tria
 
 def test_a_storage_that_cannot_hold_the_study_is_one_line_exit_2_and_leaves_nothing(tmp_path, mnist5k_root):
     for storage in (f"sqlite:///{tmp_path}/no/such/folder/optuna.db", "bogus://somewhere/db"):
-        proc = run_cli(["-m", "experiments=optuna", f"hydra.sweeper.storage={storage}", "trainer.epochs=1",
+        proc = run_cli(["-m", "experiments=optuna", "data.val_size=1000", f"hydra.sweeper.storage={storage}", "trainer.epochs=1",
                         f"data.root={mnist5k_root}"], cwd=tmp_path)
         assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -83,7 +85,7 @@ def test_a_pruner_stops_hopeless_trials_in_their_stack_and_the_survivors_stay_bi
 
     from conftest import store_uri
 
-    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=8", "trainer.epochs=3",
+    proc = run_cli(["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=8", "trainer.epochs=3",
                     "hydra.sweeper.pruner={name: median, n_startup_trials: 2}", f"data.root={mnist5k_root}"],
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr

@@ -356,3 +356,25 @@ def test_a_sweeps_console_is_the_harness_lines_only(card, launcher):
     assert not foreign, foreign[:5]
     for noise in ("WARNING mlflow", "INFO mlflow", "Downloading artifacts", "UserWarning", "CloudPickle", "pip version"):
         assert noise not in stdout
+
+
+def test_with_a_validation_split_a_stack_equals_lone_training_and_logs_val_acc(tmp_path, mnist5k_root):
+    from mnist_logreg.job import train
+
+    from conftest import compose_cfg, numbers_of, runs_of, run_cli, store_uri
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    proc = run_cli(["-m", "optim.lr=0.1,0.5", "data.val_size=1000", "trainer.epochs=2", "data.batch_size=96",
+                    f"data.root={mnist5k_root}"], cwd=sweep)
+    assert proc.returncode == 0, proc.stderr
+    assert "sorted by final val_acc (the held-out validation split" in proc.stdout
+    client, jobs, _ = jobs_and_parents(sweep)
+    run = next(r for r in jobs if r.data.params["optim.lr"] == "0.5")
+    assert [s for s, _ in history(client, run.info.run_id, "val_acc")] == [0, 1, 2]
+    inputs = {i.dataset.name: json.loads(i.dataset.profile)["num_rows"] for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert inputs == {"mnist/train": 3000, "mnist/test": 1000, "mnist/val": 1000}
+    alone = train(compose_cfg("optim.lr=0.5", "data.val_size=1000", "trainer.epochs=2", "data.batch_size=96",
+                              f"data.root={mnist5k_root}", f"tracking.uri={store_uri(tmp_path)}"))
+    mine = runs_of(tmp_path)[0]
+    assert numbers_of(client, run) == numbers_of(mine, mine.get_run(alone["run_id"]))

@@ -101,3 +101,26 @@ def test_mxnet_loads_without_what_the_harness_never_uses_and_others_still_get_it
             "mxnet.model.BASE_ESTIMATOR.__name__); import sklearn.base, scipy.stats; print(sklearn.base.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "object", "sklearn.base"]
+
+
+def test_a_validation_split_is_a_fixed_seeded_subset_never_in_the_training_rows(digits):
+    from mnist_logreg.ml.data import hold_out
+
+    (images, labels), _ = digits
+    train = as_split(images, labels)
+    rest, val = hold_out(train, 500, seed=3)
+    again_rest, again_val = hold_out(as_split(images.copy(), labels.copy()), 500, seed=3)  # another process's copy
+    np.testing.assert_array_equal(val.images, again_val.images)
+    np.testing.assert_array_equal(rest.labels, again_rest.labels)
+    other = hold_out(as_split(images.copy(), labels.copy()), 500, seed=4)[1]
+    assert not np.array_equal(other.images, val.images)
+    assert len(val.labels) == 500 and len(rest.labels) == len(labels) - 500
+    # Every training row is either trained on or held out, never both, in its original order.
+    rows = {row.tobytes(): i for i, row in enumerate(train.images)}
+    trained = [rows[r.tobytes()] for r in rest.images]
+    held = [rows[r.tobytes()] for r in val.images]
+    assert not set(trained) & set(held) and sorted(trained + held) == list(range(len(labels)))
+    assert trained == sorted(trained) and held == sorted(held)
+    assert hold_out(train, 0, seed=3) == (train, None)
+    with pytest.raises(Exception, match="data.val_size"):
+        hold_out(train, len(labels), seed=3)

@@ -18,7 +18,13 @@ from .plots import plot_curves, plot_heatmap, plot_search, plot_seeds
 # Params that never become columns: the keys that never change the numbers (config.NEUTRAL_KEYS).
 HIDDEN_PARAMS = NEUTRAL_KEYS
 # The table's columns besides the swept axes.
-RESULT_COLUMNS = ("run_id", "test_acc", "best_test_acc", "train_loss", "epochs", "wall_s", "status")
+RESULT_COLUMNS = ("run_id", "val_acc", "test_acc", "best_test_acc", "train_loss", "epochs", "wall_s", "status")
+
+
+def ranking(table: pd.DataFrame) -> str:
+    """What ranks the runs: the final val_acc where the runs held out a validation split (so the
+    test set stays out of the choice), else the final test_acc."""
+    return "val_acc" if "val_acc" in table.columns and table["val_acc"].notna().any() else "test_acc"
 
 
 def latest_sweep(client, experiment_id: str) -> str:
@@ -98,6 +104,8 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float
     table = pd.DataFrame({"run_id": runs["run_id"]})
     for axis in axes:
         table[axis] = runs[f"params.{axis}"].map(_number)
+    if "metrics.val_acc" in runs and runs["metrics.val_acc"].notna().any():
+        table["val_acc"] = runs["metrics.val_acc"]
     table["test_acc"] = runs.get("metrics.test_acc")
     table["best_test_acc"] = [max((v for s, v in curves.get(r, []) if s > 0), default=float("nan"))
                               for r in runs["run_id"]]
@@ -113,7 +121,7 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[tuple[int, float
     table["_unfinished"] = table["status"] != "FINISHED"
     table["_trial"] = pd.to_numeric(runs.get("tags.search.trial", pd.Series(None, index=runs.index)), errors="coerce")
     table["_start"] = runs["start_time"]
-    table = table.sort_values(["_unfinished", "test_acc", "_trial", "_start", "run_id"],
+    table = table.sort_values(["_unfinished", ranking(table), "_trial", "_start", "run_id"],
                               ascending=[True, False, True, True, True], na_position="last", kind="stable")
     return table.drop(columns=["_unfinished", "_trial", "_start"]).reset_index(drop=True)
 
@@ -124,12 +132,13 @@ def table_axes(table: pd.DataFrame) -> list[str]:
 
 
 def seed_spread(table: pd.DataFrame) -> pd.DataFrame | None:
-    """Mean and standard deviation of the final test_acc over seeds, per config; None without a seeds axis."""
+    """Mean and standard deviation over seeds of what ranks the runs (`ranking`), per config; None
+    without a seeds axis."""
     if "seed" not in table.columns:
         return None
     others = [c for c in table_axes(table) if c != "seed"]
     grouped = table.groupby(others, dropna=False) if others else table.assign(_all="all").groupby("_all")
-    spread = grouped["test_acc"].agg(["mean", "std", "count"]).reset_index()
+    spread = grouped[ranking(table)].agg(["mean", "std", "count"]).reset_index()
     return spread.sort_values("mean", ascending=False).reset_index(drop=True)
 
 
@@ -156,7 +165,7 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     plot_curves(table, curves, output / "learning_curves.png", axes)
     searched = "tags.search.trial" in runs and runs["tags.search.trial"].notna().any()
     if searched:  # a search: each searched value against the objective
-        plot_search(table, axes, output / "search.png")
+        plot_search(table, axes, output / "search.png", ranking(table))
     elif len(axes) >= 2:  # a grid: the first two axes, a panel per value of the others
         plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", facets=axes[2:],
                      averaged=["seed"] if "seed" in table.columns else [])

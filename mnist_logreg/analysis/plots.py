@@ -24,7 +24,7 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
     from ..lifecycle.plots import pyplot
 
     plt = pyplot()
-    best = set(table.dropna(subset=["test_acc"]).nlargest(BEST_MARKED, "test_acc")["run_id"])
+    best = set(table[table["status"] == "FINISHED"]["run_id"].head(BEST_MARKED))  # the table's order: its ranking
     small = len(table) <= 12 or not axes
     colour_axis = None if small else axes[0]
     panel_axis = axes[1] if not small and len(axes) >= 2 else None
@@ -69,7 +69,7 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
         handles += [plt.Line2D([], [], color="grey", linestyle=dashes[i % len(dashes)]) for i in range(len(styles))]
         names += [f"{style_axis} = {v}" for v in styles]
         fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(len(names), 8), frameon=False)
-    fig.suptitle(f"test accuracy per epoch; \u2605 the best {min(BEST_MARKED, len(best))} by final test_acc",
+    fig.suptitle(f"test accuracy per epoch; \u2605 the best {min(BEST_MARKED, len(best))} of the comparison",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if not small else 0, 1, 0.95))
     fig.savefig(path, dpi=100)

@@ -6,6 +6,7 @@ import pandas as pd
 
 from ..errors import HarnessError
 from ..tracking.store import process_tracking_uri
+from .compare import ranking
 from ..tracking.tags import TAG_SWEEP
 
 
@@ -13,10 +14,10 @@ def register_best(client, table: pd.DataFrame, sweep: str, name: str):
     """Register the logged model of the best FINISHED run of the table as a version of `name`."""
     from mlflow.exceptions import MlflowException
 
-    finished = table[table["status"] == "FINISHED"].dropna(subset=["test_acc"])
+    finished = table[table["status"] == "FINISHED"].dropna(subset=[ranking(table)])
     if finished.empty:
         raise HarnessError(f"sweep {sweep!r} has no FINISHED run to register")
-    best = finished.sort_values("test_acc", ascending=False).iloc[0]
+    best = finished.iloc[0]  # the comparison's first row (its ranking and tie rule)
     run = client.get_run(best["run_id"])
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'", max_results=1)

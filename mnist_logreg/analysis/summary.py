@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .compare import compare, format_spread, format_table, seed_spread, seeds_command
+from .compare import compare, format_spread, format_table, ranking, seed_spread, seeds_command
 from .registry import register_best
 
 log = logging.getLogger("mnist_logreg.sweep.callback")
@@ -20,8 +20,10 @@ def summarize_sweep(client, tracking_uri: str, experiment: str, sweep: str, outp
     """Compare the sweep's runs: table and plots in `output` and on the parent run; then register the
     best run's model when `register` names a registered model."""
     table, folder = compare(tracking_uri, experiment, sweep, output)
-    log.info("sweep %s, sorted by final test_acc:\n%s\n(plots in %s; python -m mnist_logreg.compare "
-             "redraws them)", sweep, format_table(table), folder)
+    by = ranking(table)
+    log.info("sweep %s, sorted by final %s%s:\n%s\n(plots in %s; python -m mnist_logreg.compare "
+             "redraws them)", sweep, by, " (the held-out validation split; test_acc is for reporting)"
+             if by == "val_acc" else "", format_table(table), folder)
     spread = seed_spread(table)
     if spread is not None and int(spread["count"].max()) > 1:
         log.info("over seeds, best mean first (* within one standard deviation of the best: not told apart by "

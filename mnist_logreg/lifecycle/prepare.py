@@ -24,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from ..config import NEUTRAL_KEYS, check_known_keys, is_under, override_key, redact, validate
 from ..errors import ConfigError
-from ..ml.data import DatasetFiles, Split, load, locate
+from ..ml.data import DatasetFiles, Split, hold_out, load, locate
 from ..tracking.queries import runs_with_fingerprint
 from ..tracking.store import client_for, ensure_experiment
 from ..tracking.tags import TAG_CHECKPOINT_DIR, TAG_PRUNED, TAG_SWEEP
@@ -86,6 +86,7 @@ class Job:
     done: Any = None  # a FINISHED run with this fingerprint: the job is skipped
     busy: Any = None  # a run of this point still training in another process: the job is skipped
     log: logging.Logger | logging.LoggerAdapter = field(default=log)
+    val_split: Split | None = None  # training examples held out (data.val_size), never trained on
 
     @property
     def start_epoch(self) -> int:
@@ -236,6 +237,7 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
         files = locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors),
                                 dict(d.md5), timeout=d.download_timeout)
         train_split, test_split = load(files)
+        train_split, val_split = hold_out(train_split, d.val_size, d.val_seed)
 
     with clock("store"):
         if resumed is not None:
@@ -247,7 +249,7 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
         if not cfg.force and resumed is None:
             done, busy, resumed = resolve(client, experiment_id, fp_tags["fingerprint"])
     return Job(cfg, clock, resumed, ctx, files, train_split, test_split, out_dir, list(overrides), client,
-               experiment_id, sweep_tags, fp_tags, done, busy)
+               experiment_id, sweep_tags, fp_tags, done, busy, val_split=val_split)
 
 
 def skip(job: Job) -> dict[str, Any]:

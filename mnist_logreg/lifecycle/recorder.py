@@ -72,8 +72,10 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **dict(extra_tags or {}),
             }
             run = RunLog.create(job.client, job.experiment_id, run_name or run_name_of(job.overrides), tags)
-            run.log_inputs(dataset_inputs(job.cfg.data.name, job.files,
-                                          {"train": job.train_split, "test": job.test_split}))
+            splits = {"train": job.train_split, "test": job.test_split}
+            if job.val_split is not None:
+                splits["val"] = job.val_split
+            run.log_inputs(dataset_inputs(job.cfg.data.name, job.files, splits))
             run.create_model(job.experiment_id)
     return Recorder(job, run, signals, work_dir, int((extra_tags or {}).get("stack.size", 1)))
 
@@ -122,7 +124,7 @@ class Recorder:
         finally:
             self.close()
 
-    def begin(self, train_acc: float, test_acc: float) -> None:
+    def begin(self, train_acc: float, test_acc: float, val_acc: float | None = None) -> None:
         """Params, the resolved config and the untrained accuracies (step 0). A run that starts over
         in place logs only what it lacks, so no step appears twice."""
         resumed, cfg = self.job.resumed, self.job.cfg
@@ -133,8 +135,10 @@ class Recorder:
                 # The resolved config, from the start: reproduce and resume rebuild the run from it.
                 self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
             if logged is None or "test_acc" not in logged.metrics:
-                self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc})
-        self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f", train_acc, test_acc)
+                self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc,
+                                         **({"val_acc": val_acc} if val_acc is not None else {})})
+        self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f%s", train_acc, test_acc,
+                      f"  val_acc {val_acc:.4f}" if val_acc is not None else "")
 
     def resume(self) -> None:
         """A run continued from a checkpoint: log that checkpoint's epoch if the run lacks it (its
@@ -160,8 +164,9 @@ class Recorder:
         epochs = self.job.cfg.trainer.epochs
         whose = f"the stack of {self.stack_size}: " if self.stack_size > 1 else ""
         self.log.info(
-            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  %s%.2fs train + %.2fs eval  (%.0f ex/s)",
-            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc, whose,
+            "epoch %*d/%d  loss %.4f  train_acc %.4f  test_acc %.4f%s  %s%.2fs train + %.2fs eval  (%.0f ex/s)",
+            len(str(epochs)), m.epoch, epochs, m.train_loss, m.train_acc, m.test_acc,
+            f"  val_acc {m.val_acc:.4f}" if m.val_acc is not None else "", whose,
             m.epoch_seconds, m.eval_seconds, m.examples_per_second,
         )
 

@@ -21,11 +21,12 @@ from .signals import JobSignals
 def batch_stream(cfg, data_digest: str, device: str, start_epoch: int) -> tuple:
     """What jobs must share to train as one stack, from their config: the same data files, batch
     size, seed, epochs, device, scoring and divergence rule, model width and momentum (one value per
-    update kernel call), and the same epochs already done (a continued job starts where its
+    update kernel call), the same validation split, and the same epochs already done (a continued job starts where its
     checkpoint ends; its batch order is then the same generator state as its stack-mates'). lr,
     sigma and wd vary freely inside a stack."""
     return (data_digest, cfg.data.batch_size, cfg.seed, cfg.trainer.epochs, device, cfg.trainer.eval_batch_size,
-            cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs, cfg.optim.momentum, start_epoch)
+            cfg.trainer.stop_on_nonfinite, cfg.model.num_outputs, cfg.optim.momentum, start_epoch,
+            cfg.data.get("val_size", 0), cfg.data.get("val_seed", 0))
 
 
 def stack_key(job: Job) -> tuple:
@@ -50,9 +51,11 @@ class Objective(float):
 
 
 def objective(result: dict[str, Any]) -> Objective:
-    """A job's result as what it returns to Hydra: the final test accuracy (NaN for a run that did
-    not finish), with the run's id and status."""
-    return Objective(result.get("test_acc", float("nan")), result.get("run_id"), result.get("status"))
+    """A job's result as what it returns to Hydra: the final validation accuracy with a validation
+    split (data.val_size), else the final test accuracy (NaN for a run that did not finish), with
+    the run's id and status."""
+    value = result.get("val_acc", result.get("test_acc", float("nan")))
+    return Objective(value, result.get("run_id"), result.get("status"))
 
 
 # A search's say over its trials after each epoch (sweep.search sets it in the launching process):
@@ -108,8 +111,9 @@ def stack_width(jobs: Sequence[Job]):
 
     first, cfg = jobs[0], jobs[0].cfg
     with first.clock("setup"):
+        val = first.val_split
         shapes = run_shapes(len(first.train_split.labels), len(first.test_split.labels), cfg.data.batch_size,
-                            cfg.trainer.eval_batch_size)
+                            cfg.trainer.eval_batch_size, len(val.labels) if val is not None else 0)
         return widest_exact(len(jobs), cfg.model.num_outputs, first.ctx, shapes)
 
 
@@ -121,7 +125,8 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     with first.clock("setup"):
         seed_everything(cfg.seed)
         train_d, test_d = to_device(first.train_split, first.ctx), to_device(first.test_split, first.ctx)
-        models, untrained, start_epoch, rng = _models(jobs, width, recorders[0], train_d, test_d)
+        val_d = to_device(first.val_split, first.ctx) if first.val_split is not None else None
+        models, untrained, start_epoch, rng = _models(jobs, width, recorders[0], train_d, test_d, val_d)
     if untrained is not None:
         for recorder, accs in zip(recorders, untrained):
             recorder.begin(*accs)
@@ -138,7 +143,7 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
 
     fit(models, train_d, test_d, epochs=cfg.trainer.epochs, batch_size=cfg.data.batch_size, seed=cfg.seed,
         eval_chunk=cfg.trainer.eval_batch_size, stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
-        start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch,
+        start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch, val=val_d,
         on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
             epoch, {member.index: member.history[-1] for member in going}))
     for member, recorder in zip(models.members, recorders):
@@ -153,7 +158,7 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
                 results[member.index] = exc
 
 
-def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d, test_d):
+def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d, test_d, val_d=None):
     """What fit trains, the untrained accuracies (None on resume), the first epoch and the batch-order
     generator: a Lone model (restored from its checkpoint on resume), or a Stack of products `width` wide."""
     from ..ml import checkpoint
@@ -173,7 +178,7 @@ def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d,
 
         stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed, width, restore if start_epoch > 1 else None)
         if start_epoch == 1:
-            return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size), start_epoch, rng
+            return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size, val_d), start_epoch, rng
         if any(state != states[0] for state in states):
             raise ValueError("a stack's members continue from different batch orders (see stack_key)")
         rng.bit_generator.state = states[0]
@@ -186,5 +191,5 @@ def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d,
         done_epochs, rng = checkpoint.load(job.resumed.checkpoint, net, trainer)
         job.log.info("resuming run %s after epoch %d", recorder.run.run_id, done_epochs)
     else:  # scored before Lone hybridizes the net, as every logged run's step 0 was
-        untrained = [evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size)]
+        untrained = [evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size, val_d)]
     return Lone(net, trainer), untrained, start_epoch, rng

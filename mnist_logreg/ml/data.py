@@ -222,3 +222,23 @@ def load(files: DatasetFiles) -> tuple[Split, Split]:
         _SPLIT_CACHE[key] = (splits[0], splits[1])
     return _SPLIT_CACHE[key]
 
+
+_HELD_OUT: dict[tuple, tuple[Split, Split]] = {}
+
+
+def hold_out(train: Split, size: int, seed: int) -> tuple[Split, Split | None]:
+    """The training split without `size` examples held out for validation, and those examples: a
+    fixed subset drawn by numpy's generator from `seed` (the same seed and size always hold out the
+    same rows), both in their original order. size 0 returns the split itself and None. Cached per
+    process, so the jobs of a sweep share one copy."""
+    if size == 0:
+        return train, None
+    if not 0 < size < len(train.labels):
+        raise DataError(f"data.val_size={size} must be below the {len(train.labels)} training examples")
+    key = (id(train), size, seed)
+    if key not in _HELD_OUT:
+        held = np.zeros(len(train.labels), dtype=bool)
+        held[np.random.default_rng(seed).choice(len(train.labels), size=size, replace=False)] = True
+        _HELD_OUT.clear()
+        _HELD_OUT[key] = (Split(train.images[~held], train.labels[~held]), Split(train.images[held], train.labels[held]))
+    return _HELD_OUT[key]

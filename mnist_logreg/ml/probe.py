@@ -48,15 +48,16 @@ class RunShapes:
     score_rows: tuple[int, ...]
 
 
-def run_shapes(n_train: int, n_test: int, batch_size: int, chunk: int) -> RunShapes:
+def run_shapes(n_train: int, n_test: int, batch_size: int, chunk: int, n_val: int = 0) -> RunShapes:
     """The training batch and the epoch's last short batch; each split's full scoring chunk and its
-    last one (a split shorter than a chunk is scored in one piece)."""
+    last one (a split shorter than a chunk is scored in one piece), the validation split's too."""
 
     def sizes(n: int, step: int) -> set[int]:
         return {min(step, n)} | ({n % step} if n > step and n % step else set())
 
     return RunShapes(tuple(sorted(sizes(n_train, batch_size), reverse=True)),
-                     tuple(sorted(sizes(n_train, chunk) | sizes(n_test, chunk), reverse=True)))
+                     tuple(sorted(sizes(n_train, chunk) | sizes(n_test, chunk) | (sizes(n_val, chunk) if n_val else set()),
+                                  reverse=True)))
 
 
 @dataclass(frozen=True)

@@ -165,10 +165,12 @@ class Stack:
             correct += nd.broadcast_equal(predicted, split.y[start : start + chunk].reshape((-1, 1))).sum(axis=0)
         return correct
 
-    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
-        """(train_acc, test_acc) of every model, with one device sync."""
-        counts = nd.stack(self.accuracy_counts(train, chunk), self.accuracy_counts(test, chunk)).asnumpy().tolist()
-        return [(counts[0][i] / len(train), counts[1][i] / len(test)) for i in range(self.k)]
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
+                 val: DeviceSplit | None = None) -> list[tuple[float, ...]]:
+        """(train_acc, test_acc[, val_acc]) of every model, with one device sync."""
+        splits = [train, test] + ([val] if val is not None else [])
+        counts = nd.stack(*(self.accuracy_counts(split, chunk) for split in splits)).asnumpy().tolist()
+        return [tuple(counts[j][i] / len(split) for j, split in enumerate(splits)) for i in range(self.k)]
 
 
 def _share(param: gluon.Parameter, data: nd.NDArray, grad: nd.NDArray) -> None:

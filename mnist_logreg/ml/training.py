@@ -41,11 +41,14 @@ class EpochMetrics:
     epoch_seconds: float
     eval_seconds: float
     examples_per_second: float
+    val_acc: float | None = None  # with a validation split (data.val_size)
 
     def as_metrics(self) -> dict[str, float]:
-        """The loggable values (all but the step)."""
+        """The loggable values (all but the step; val_acc only with a validation split)."""
         d = asdict(self)
         d.pop("epoch")
+        if d["val_acc"] is None:
+            d.pop("val_acc")
         return d
 
 
@@ -79,11 +82,13 @@ def accuracy_count(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> nd
     return correct
 
 
-def evaluate(net: gluon.HybridBlock, train: DeviceSplit, test: DeviceSplit, chunk: int) -> tuple[float, float]:
-    """Accuracy on the train and the test split, with a single device sync."""
-    counts = nd.concat(accuracy_count(net, train, chunk), accuracy_count(net, test, chunk), dim=0)
-    c_train, c_test = counts.asnumpy().tolist()
-    return c_train / len(train), c_test / len(test)
+def evaluate(net: gluon.HybridBlock, train: DeviceSplit, test: DeviceSplit, chunk: int,
+             val: DeviceSplit | None = None) -> tuple[float, ...]:
+    """Accuracy on the train and the test split (and the validation split, if any), with a single
+    device sync."""
+    splits = [train, test] + ([val] if val is not None else [])
+    counts = nd.concat(*(accuracy_count(net, split, chunk) for split in splits), dim=0).asnumpy().tolist()
+    return tuple(c / len(split) for c, split in zip(counts, splits))
 
 
 def make_trainer(net: gluon.Block, lr: float, momentum: float = 0.0, wd: float = 0.0) -> gluon.Trainer:
@@ -139,7 +144,8 @@ class Models(Protocol):
 
     def mean_losses(self, losses: nd.NDArray) -> list[float]: ...
 
-    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]: ...
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
+                 val: DeviceSplit | None = None) -> list[tuple[float, ...]]: ...
 
 
 class Lone:
@@ -155,8 +161,9 @@ class Lone:
         """The epoch's mean loss: one sum over the per-example losses, in float64, and the epoch's only wait."""
         return [losses.astype(np.float64).sum().asscalar() / len(losses)]
 
-    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int) -> list[tuple[float, float]]:
-        return [evaluate(self.members[0].net, train, test, chunk)]
+    def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
+                 val: DeviceSplit | None = None) -> list[tuple[float, ...]]:
+        return [evaluate(self.members[0].net, train, test, chunk, val)]
 
 
 def fit(
@@ -174,6 +181,7 @@ def fit(
     stop_on_nonfinite: bool = True,
     start_epoch: int = 1,
     rng: np.random.Generator | None = None,
+    val: DeviceSplit | None = None,
 ) -> Sequence[Member]:
     """Train epochs start_epoch..epochs of shuffled mini-batches; return the members, each with its history.
 
@@ -209,11 +217,12 @@ def fit(
         if not going:
             break
         t1 = time.perf_counter()
-        accs = models.evaluate(train, test, eval_chunk)
+        accs = models.evaluate(train, test, eval_chunk, val)
         eval_seconds = time.perf_counter() - t1
         for member in going:
-            metrics = EpochMetrics(epoch, train_losses[member.index], *accs[member.index], epoch_seconds,
-                                   eval_seconds, n / epoch_seconds)
+            train_acc, test_acc, *val_acc = accs[member.index]
+            metrics = EpochMetrics(epoch, train_losses[member.index], train_acc, test_acc, epoch_seconds,
+                                   eval_seconds, n / epoch_seconds, val_acc[0] if val_acc else None)
             member.history.append(metrics)
             member.stopped = on_epoch(member, metrics) or None
         on_epoch_done(epoch, going)

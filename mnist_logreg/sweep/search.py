@@ -251,18 +251,21 @@ class Search:
         trial = live.get(search.get("trial")) if search.get("study") == self.name else None
         if trial is None or self.pruner in (None, "none"):
             return None
-        value = m.test_acc
+        name, value = ("val_acc", m.val_acc) if m.val_acc is not None else ("test_acc", m.test_acc)
         trial.report(value, m.epoch)
         if trial.should_prune():
-            return f"the search's pruner stopped it (test_acc {value:.4f} after epoch {m.epoch})"
+            return f"the search's pruner stopped it ({name} {value:.4f} after epoch {m.epoch})"
         return None
 
     def _say_best(self, study) -> None:
+        from omegaconf import OmegaConf
+
         best = best_trial(study)
         if best is None:
             log.info("study %s: no trial finished", self.name)
             return
-        log.info("study %s: best trial #%d, %s %.4f, run %s: %s", self.name, best.number, "objective", best.value,
+        metric = "val_acc" if (OmegaConf.select(self.config, "data.val_size") or 0) > 0 else "test_acc"
+        log.info("study %s: best trial #%d, %s %.4f, run %s: %s", self.name, best.number, metric, best.value,
                  best.user_attrs.get(RUN_ID_ATTR, "?"), " ".join(f"{k}={_value(v)}" for k, v in best.params.items()))
 
 
