@@ -24,7 +24,8 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
     from ..lifecycle.plots import pyplot
 
     plt = pyplot()
-    best = set(table[table["status"] == "FINISHED"]["run_id"].head(BEST_MARKED))  # the table's order: its ranking
+    finished = table[table["status"] == "FINISHED"] if "status" in table else table
+    best = set(finished["run_id"].head(BEST_MARKED))  # the comparison's first rows: its ranking and tie rule
     small = len(table) <= 12 or not axes
     colour_axis = None if small else axes[0]
     panel_axis = axes[1] if not small and len(axes) >= 2 else None
