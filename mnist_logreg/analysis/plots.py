@@ -126,7 +126,8 @@ def log_scaled(values: pd.Series) -> bool:
 
 def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str = "test_acc") -> Path:
     """Each searched value against the objective, a panel per axis (log where the values span
-    decades), the best trial starred; a stopped or failed trial is a grey cross at the bottom."""
+    decades), the best trial starred; a pruned trial is a grey cross at the bottom, a stopped or
+    failed one a red cross."""
     from ..lifecycle.plots import pyplot
 
     plt = pyplot()
@@ -137,8 +138,9 @@ def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str
     floor = float(done[objective].min()) if not done.empty else 0.0
     for ax, axis in zip(panels[0], axes):
         ax.scatter(done[axis], done[objective], s=22, color="tab:blue", alpha=0.8, label="trials")
-        if not others.empty:
-            ax.scatter(others[axis], [floor] * len(others), marker="x", color="grey", label="did not finish")
+        for status, rows in others.groupby("status"):  # at the bottom: their value is not comparable
+            ax.scatter(rows[axis], [floor] * len(rows), marker="x", color="grey" if status == "PRUNED" else "red",
+                       label=f"{status.lower()} (drawn at the bottom)")
         if best is not None:
             ax.scatter([best[axis]], [best[objective]], marker="*", s=260, color="gold", edgecolor="black",
                        zorder=5, label=f"best: {best['run_id'][:8]}")

@@ -204,6 +204,9 @@ class Search:
         done = [t for t in study.trials if t.state.is_finished()]
         log.info("study %s in %s: %d of %d trials done%s", self.name, _shown(storage), len(done), self.n_trials,
                  f", {len(again)} cut short to train again" if again else "")
+        if len(done) >= self.n_trials:
+            log.info("study %s is complete: raise hydra.sweeper.n_trials (now %d) to search further", self.name,
+                     self.n_trials)
         returns, job_idx = [], 0
         while True:
             done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
