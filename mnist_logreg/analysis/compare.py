@@ -11,7 +11,7 @@ import pandas as pd
 from ..config import NEUTRAL_KEYS
 from ..errors import HarnessError
 from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
-from ..tracking.store import existing_store_client, process_tracking_uri
+from ..tracking.store import existing_store_client
 from ..tracking.tags import TAG_AXES, TAG_PRUNED, TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_search, plot_seeds
 
@@ -50,18 +50,24 @@ def sweep_tag(client, sweep: str) -> str:
 
 
 def sweep_runs(uri: str, experiment_id: str, sweep: str, reused: list[str] = ()) -> pd.DataFrame:
-    """The sweep's job runs as mlflow.search_runs returns them, one row per run, plus the runs
-    that skipped jobs of the sweep reused (finished earlier with the same fingerprint)."""
-    import mlflow
+    """The sweep's job runs, one row per run, in mlflow.search_runs' columns (run_id, status,
+    start_time, end_time, params.*, metrics.*, tags.*), plus the runs that skipped jobs of the sweep
+    reused (finished earlier with the same fingerprint). Built from the client's runs directly:
+    mlflow.search_runs' own frame took 0.37 s for 96 runs here."""
+    from ..tracking.queries import job_runs
+    from ..tracking.store import existing_store_client
 
-    with process_tracking_uri(uri):
-        found = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=runs_filter(sweep=sweep),
-                                   max_results=MAX_RESULTS, output_format="pandas")
-        extra = [mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"attributes.run_id = '{rid}'",
-                                    output_format="pandas")
-                 for rid in reused if rid not in set(found.get("run_id", []))]
-    frames = [f for f in (found, *extra) if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else found
+    client = existing_store_client(uri)
+    runs = [r for r in job_runs(client, [experiment_id], sweep=sweep)]
+    have = {r.info.run_id for r in runs}
+    runs += [client.get_run(rid) for rid in reused if rid not in have]
+    rows = [{"run_id": r.info.run_id, "status": r.info.status,
+             "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+             "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
+             **{f"params.{k}": v for k, v in r.data.params.items()},
+             **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+             **{f"tags.{k}": v for k, v in r.data.tags.items()}} for r in runs]
+    return pd.DataFrame(rows)
 
 
 def swept_axes(runs: pd.DataFrame) -> list[str]:

@@ -73,7 +73,7 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
     fig.suptitle(f"test accuracy per epoch; \u2605 the best {min(BEST_MARKED, len(best))} of the comparison",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if not small else 0, 1, 0.95))
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 
@@ -113,7 +113,7 @@ def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path, facets: list[s
     fig.colorbar(image, ax=list(panels[0]), label="final test accuracy")
     fig.suptitle("final test accuracy" + (f", mean over {', '.join(averaged)}" if averaged else "")
                  + "; the best framed in red", fontsize=10)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 
@@ -152,7 +152,7 @@ def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str
     panels[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{len(done)} trials: each searched value against the final {objective}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 
@@ -170,6 +170,6 @@ def plot_seeds(spread: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("final test accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
