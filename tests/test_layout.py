@@ -136,7 +136,7 @@ def test_the_readme_is_a_front_page_whose_links_exist():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 150
     links = re.findall(r"\]\(((?:docs/)[^)#]+)\)", readme)
-    pages = {"configuration", "records", "sweeps", "cluster", "compare", "reproduce", "team-server", "performance",
+    pages = {"configuration", "records", "sweeps", "cluster", "compare", "reproduce", "team-server", "performance", "search",
              "development"}
     assert {Path(link).stem for link in links if link.endswith(".md")} == pages
     for link in links:

@@ -97,6 +97,7 @@ class Recorder:
     def __init__(self, job: Job, run: RunLog, signals: JobSignals, work_dir: Path, stack_size: int = 1) -> None:
         self.job, self.run, self.signals = job, run, signals
         self.stack_size = stack_size  # an epoch's timing is the whole stack's when above 1
+        self.closing_tags: dict[str, str] = {}  # set with the timing tags as the run ends
         self.log = job.log
         self.heartbeat = Heartbeat()
         cfg = job.cfg
@@ -130,13 +131,19 @@ class Recorder:
         resumed, cfg = self.job.resumed, self.job.cfg
         logged = self.run.client.get_run(self.run.run_id).data if resumed is not None else None
         with self.job.clock("logging"), self.signals.deferred():
-            if logged is None or not logged.params:
-                self.run.log_params(flatten(cfg))
+            untrained = {"train_acc": train_acc, "test_acc": test_acc,
+                         **({"val_acc": val_acc} if val_acc is not None else {})}
+            need_params = logged is None or not logged.params
+            need_step0 = logged is None or "test_acc" not in logged.metrics
+            if need_params:
                 # The resolved config, from the start: reproduce and resume rebuild the run from it.
                 self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
-            if logged is None or "test_acc" not in logged.metrics:
-                self.run.log_metrics(0, {"train_acc": train_acc, "test_acc": test_acc,
-                                         **({"val_acc": val_acc} if val_acc is not None else {})})
+            if need_params and need_step0:
+                self.run.log_params_and_metrics(flatten(cfg), 0, untrained)  # one write where it can be
+            elif need_params:
+                self.run.log_params(flatten(cfg))
+            elif need_step0:
+                self.run.log_metrics(0, untrained)
         self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f%s", train_acc, test_acc,
                       f"  val_acc {val_acc:.4f}" if val_acc is not None else "")
 
@@ -195,7 +202,7 @@ class Recorder:
 
         with self.job.clock("artifacts"), self.signals.deferred():
             self.run.drain(self.patience)
-            self.run.set_tags({"params.sha256": params_hash(net)})
+            self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
             log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir)
         self.status = "FINISHED"
         self.result.update(history[-1].as_metrics(), status="PRUNED" if "pruned" in self.result else self.status,
@@ -207,7 +214,12 @@ class Recorder:
         takes effect once the run has ended)."""
         with self.signals.deferred():
             try:
-                self.run.set_tags(self.job.clock.tags())
+                try:
+                    self.run.set_tags({**self.job.clock.tags(), **self.closing_tags})
+                except Exception:
+                    if self.status == "FINISHED":  # a finished run without its weights' hash is not one
+                        self.status = "FAILED"
+                    raise
                 latest = checkpoint.latest(self.ckpt_dir)
                 if self.status != "FINISHED" and latest is not None:
                     self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID

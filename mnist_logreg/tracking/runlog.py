@@ -44,6 +44,19 @@ class RunLog:
         for part in chunks(items, 100):
             self.client.log_batch(self.run_id, params=part)
 
+    def log_params_and_metrics(self, params: Mapping[str, str], step: int, metrics: Mapping[str, float]) -> None:
+        """Params and one step's metrics in a single write when they fit in one batch and no spool
+        is in play (a server's metrics must be able to wait in the spool; params never do)."""
+        from mlflow.entities import Metric, Param
+
+        if self.spool is not None or len(params) > 100:
+            self.log_params(params)
+            self.log_metrics(step, metrics)
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
+                              metrics=[Metric(k, float(v), now, step, model_id=self.model_id) for k, v in metrics.items()])
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
