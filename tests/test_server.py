@@ -144,3 +144,32 @@ def assert_the_rest_api_shows_the_sweep(base: str, experiment: str, jobs: int, e
         hist = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=child["info"]["run_id"],
                     metric_key="test_acc")["metrics"]
         assert sorted(m["step"] for m in hist) == list(range(epochs + 1))
+
+
+def test_a_search_on_the_team_server_keeps_its_study_in_the_teams_postgresql(tmp_path, mnist5k_root, server):
+    """With tracking=server the study needs the team's database: without one, one line and exit 2; with
+    a PostgreSQL database, the study lives there and its trials name the server's runs."""
+    import optuna
+    import psycopg2
+
+    base = ["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=2", "trainer.epochs=1",
+            "tracking=server", f"tracking.uri={server.url}", "tracking.experiment=team-search",
+            f"data.root={mnist5k_root}"]
+    refused = run_cli(base, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "hydra.sweeper.storage is not set" in line and "postgresql://" in line
+    admin = psycopg2.connect(server.backend_uri.replace("postgresql+psycopg2", "postgresql"))
+    admin.autocommit = True
+    admin.cursor().execute("CREATE DATABASE studies")
+    admin.close()
+    storage = server.backend_uri.rsplit("/", 1)[0] + "/studies"
+    proc = run_cli([*base, f"hydra.sweeper.storage={storage}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert not list(tmp_path.rglob("optuna.db"))
+    study = optuna.load_study(study_name="mnist_logreg", storage=storage)
+    client = MlflowClient(server.url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow.run_id"])
+        assert run.data.tags["search.trial"] == str(trial.number) and trial.value == run.data.metrics["val_acc"]
