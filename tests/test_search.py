@@ -39,7 +39,7 @@ def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_pat
 
 def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,
                                                                                             mnist5k_root):
-    args = ["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=8", "trainer.epochs=3", "data.batch_size=8",
+    args = ["-m", "experiments=optuna", "data.val_size=1000", "hydra.sweeper.n_trials=8", "trainer.epochs=3", "data.batch_size=16",
             f"data.root={mnist5k_root}"]
     out = signal_when(start_cli(args, tmp_path), r"job\.5\]\[INFO\] - epoch 1/3", signal.SIGINT)
     assert "Stopped by SIGINT" in out and "Traceback" not in out
