@@ -35,6 +35,7 @@ def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_pat
     # A search's comparison: each searched value against the objective, no averaged heatmap.
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
     assert "compare/search.png" in logged and "compare/heatmap.png" not in logged
+    assert {r.data.tags["search.log"] for r in jobs} == {"optim.lr,model.sigma"}  # the scatter's log axes
 
 
 def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,

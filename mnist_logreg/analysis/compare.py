@@ -171,7 +171,9 @@ def compare(uri: str, experiment: str, sweep: str | None, output: Path | None, l
     plot_curves(table, curves, output / "learning_curves.png", axes)
     searched = "tags.search.trial" in runs and runs["tags.search.trial"].notna().any()
     if searched:  # a search: each searched value against the objective
-        plot_search(table, axes, output / "search.png", ranking(table))
+        logs = runs.get("tags.search.log", pd.Series(dtype=object)).dropna()
+        plot_search(table, axes, output / "search.png", ranking(table),
+                    log_axes=set(logs.iloc[0].split(",")) if len(logs) else None)
     elif len(axes) >= 2:  # a grid: the first two axes, a panel per value of the others
         plot_heatmap(table, axes[0], axes[1], output / "heatmap.png", facets=axes[2:],
                      averaged=["seed"] if "seed" in table.columns else [])

@@ -124,10 +124,11 @@ def log_scaled(values: pd.Series) -> bool:
     return len(numbers) > 1 and numbers.min() > 0 and numbers.max() / numbers.min() >= 30
 
 
-def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str = "test_acc") -> Path:
-    """Each searched value against the objective, a panel per axis (log where the values span
-    decades), the best trial starred; a pruned trial is a grey cross at the bottom, a stopped or
-    failed one a red cross."""
+def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str = "test_acc",
+                log_axes: set[str] | None = None) -> Path:
+    """Each searched value against the objective, a panel per axis (log where the search was,
+    `log_axes`, from the runs' search.log tag; without it, where the values span decades), the best
+    trial starred; a pruned trial is a grey cross at the bottom, a stopped or failed one a red cross."""
     from ..lifecycle.plots import pyplot
 
     plt = pyplot()
@@ -144,7 +145,7 @@ def plot_search(table: pd.DataFrame, axes: list[str], path: Path, objective: str
         if best is not None:
             ax.scatter([best[axis]], [best[objective]], marker="*", s=260, color="gold", edgecolor="black",
                        zorder=5, label=f"best: {best['run_id'][:8]}")
-        if log_scaled(table[axis]):
+        if (axis in log_axes) if log_axes is not None else log_scaled(table[axis]):
             ax.set_xscale("log")
         ax.set_xlabel(axis)
         ax.grid(alpha=0.3)

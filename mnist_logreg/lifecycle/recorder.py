@@ -67,7 +67,8 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **environment_tags(),
                 **job.fingerprint,
                 **sweep_tags(job.cfg.tracking.uri),
-                **{f"search.{k}": str(v) for k, v in (job.cfg.get("search") or {}).items() if v is not None},
+                **{f"search.{k}": ",".join(map(str, v)) if OmegaConf.is_list(v) else str(v)
+                   for k, v in (job.cfg.get("search") or {}).items() if v is not None},
                 **holder,
                 **dict(extra_tags or {}),
             }

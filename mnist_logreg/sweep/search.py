@@ -168,9 +168,10 @@ def cut_short(study) -> list:
             if not _holder_alive(t.user_attrs.get(HOLDER_ATTR))]
 
 
-def trial_overrides(fixed: list[str], params: dict[str, Any], study: str, number: int) -> list[str]:
+def trial_overrides(fixed: list[str], params: dict[str, Any], study: str, number: int,
+                    log: Sequence[str] = ()) -> list[str]:
     return [*fixed, *(f"{k}={_value(v)}" for k, v in params.items()), f"search.study={study}",
-            f"search.trial={number}"]
+            f"search.trial={number}", *([f"search.log=[{','.join(log)}]"] if log else [])]
 
 
 def _value(v: Any) -> str:
@@ -223,7 +224,8 @@ class Search:
             for trial in trials:
                 trial.set_user_attr(HOLDER_ATTR, holder)
                 numbered.append((trial.number, {k: _suggest(trial, k, d) for k, d in space.items()}))
-            overrides = [trial_overrides(fixed, params, self.name, number) for number, params in numbered]
+            log_scaled = [k for k, d in space.items() if getattr(d, "log", False)]
+            overrides = [trial_overrides(fixed, params, self.name, number, log_scaled) for number, params in numbered]
             live = {number: _trial(study, number) for number, _ in numbered}
             set_epoch_judge(lambda job, m: self._judge(live, job, m))
             try:
