@@ -106,16 +106,25 @@ def _continue_sweep(sweep, overrides: list[str]) -> None:
     os.execv(sys.executable, argv)
 
 
+# How long a stopped joblib worker waits for its launching process to end the sweep before it exits.
+WORKER_LINGER_S = 15.0
+
+
 def _leave_worker_quietly() -> None:
-    """In a joblib (loky) worker, a stopped job has ended its run KILLED; the worker then exits at
-    once, instead of unwinding into MXNet's teardown, which prints tracebacks while the launching
-    process prints its one line."""
+    """In a joblib (loky) worker, a stopped job has ended its run KILLED; the worker then leaves
+    without unwinding into MXNet's teardown, which prints tracebacks while the launching process
+    prints its one line. It leaves when its launching process does (or after WORKER_LINGER_S): loky
+    kills every other worker as soon as one exits, and another may still be ending its run."""
     import multiprocessing
     import os
     import sys
+    import time
 
     if multiprocessing.current_process().name.startswith("LokyProcess"):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        parent, deadline = os.getppid(), time.monotonic() + WORKER_LINGER_S
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(130)
