@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..config import NEUTRAL_KEYS
 from ..errors import HarnessError
-from ..tracking.queries import MAX_RESULTS, runs_filter, sweep_parents
+from ..tracking.queries import sweep_parents
 from ..tracking.store import existing_store_client
 from ..tracking.tags import TAG_AXES, TAG_PRUNED, TAG_REUSED, TAG_SWEEP
 from .plots import plot_curves, plot_heatmap, plot_search, plot_seeds
