@@ -93,7 +93,8 @@ def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path, facets: list[s
                                                                           aggfunc="mean")) for key, part in groups]
     every = pd.concat([g.stack() for _, g in grids])
     low, high = float(every.min()), float(every.max())
-    fig, panels = plt.subplots(1, len(grids), figsize=(min(5.2 * len(grids), 18), 4.6), squeeze=False)
+    fig, panels = plt.subplots(1, len(grids), figsize=(min(5.2 * len(grids), 18), 4.6), squeeze=False,
+                               gridspec_kw={"wspace": 0.45})  # room for each panel's y label
     image = None
     for ax, (key, grid) in zip(panels[0], grids):
         image = ax.imshow(grid.values, cmap="viridis", vmin=low, vmax=high)
