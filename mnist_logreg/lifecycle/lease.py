@@ -59,15 +59,23 @@ class Heartbeat:
         return {HEARTBEAT: f"{now:.0f}", LEASE: f"{max(MIN_LEASE_S, 3 * self.longest_gap):.0f}"}
 
 
+def holder_alive(tags: dict) -> bool | None:
+    """Whether the process that `holder_tags` named still runs; None when it is on another host
+    (where only its heartbeat can tell)."""
+    host, pid, start = tags.get(HOST), tags.get(PID), tags.get(START)
+    if host != socket.gethostname() or not pid:
+        return None
+    alive = process_start(int(pid))
+    return alive is not None and (not start or alive == start)
+
+
 def abandoned(run: Any, now: float | None = None) -> str | None:
     """Why a RUNNING run's process is gone, or None while it may still be training."""
     tags = run.data.tags
-    host, pid, start = tags.get(HOST), tags.get(PID), tags.get(START)
-    if host == socket.gethostname() and pid:
-        alive = process_start(int(pid))
-        if alive is not None and (not start or alive == start):
-            return None
-        return f"its process {pid} on {host} is gone"
+    host, pid = tags.get(HOST), tags.get(PID)
+    alive = holder_alive(tags)
+    if alive is not None:
+        return None if alive else f"its process {pid} on {host} is gone"
     beat = float(tags.get(HEARTBEAT) or run.info.start_time / 1000)
     lease = float(tags.get(LEASE) or MIN_LEASE_S)
     age = (now or time.time()) - beat

@@ -19,8 +19,6 @@ class is hydra_plugins/mnist_logreg_optuna).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from typing import Any, Sequence
 
 from ..errors import ConfigError
@@ -145,19 +143,25 @@ def make_pruner(pruner: Any):
 
 
 def _holder() -> str:
-    from ..lifecycle.lease import process_start
+    """This process, as the holder of the trials it asks (lease.holder_tags' host, pid and start)."""
+    import json
 
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
+    from ..lifecycle.lease import HOST, PID, START, holder_tags
+
+    return json.dumps({k: v for k, v in holder_tags().items() if k in (HOST, PID, START)})
 
 
 def _holder_alive(holder: str | None) -> bool:
-    from ..lifecycle.lease import process_start
+    """Whether a trial's holder still runs. A holder on another host counts as gone: a trial has no
+    heartbeat, so a relaunch there trains it again."""
+    import json
+
+    from ..lifecycle.lease import holder_alive
 
     try:
-        host, pid, start = (holder or "").split(":")
-    except ValueError:
+        return holder_alive(json.loads(holder or "{}")) is True
+    except (ValueError, AttributeError):
         return False
-    return host == socket.gethostname() and process_start(int(pid)) == start
 
 
 def cut_short(study) -> list:
@@ -196,6 +200,7 @@ class Search:
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 
+        from ..config import redact
         from ..lifecycle.train import set_epoch_judge
 
         space, fixed = search_space(self.params, arguments)
@@ -203,7 +208,7 @@ class Search:
         study = open_study(self.name, storage, self.direction, self.seed, self.pruner)
         again = cut_short(study)
         done = [t for t in study.trials if t.state.is_finished()]
-        log.info("study %s in %s: %d of %d trials done%s", self.name, _shown(storage), len(done), self.n_trials,
+        log.info("study %s in %s: %d of %d trials done%s", self.name, redact(storage), len(done), self.n_trials,
                  f", {len(again)} cut short to train again" if again else "")
         if len(done) >= self.n_trials:
             log.info("study %s is complete: raise hydra.sweeper.n_trials (now %d) to search further", self.name,
@@ -313,8 +318,3 @@ def _objective(result: Any) -> float | None:
         return None
     return float(result) if math.isfinite(result) else None
 
-
-def _shown(storage: str) -> str:
-    from ..config import redact
-
-    return redact(storage)
