@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,34 +37,39 @@ def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
     return out
 
 
-def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None) -> None:
-    """Model, plots, frozen requirements, git diff and Hydra's files: staged in one folder, then
-    uploaded in one call. When the disk fills up (or any write fails), the files already copied
+def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None, work_dir: Path) -> None:
+    """Model, plots, frozen requirements, git diff and Hydra's files: staged in work_dir/artifacts,
+    then uploaded in one call, and the same export as the run's logged model (staged in
+    work_dir/MODEL_STAGING). With a record writer the uploads are queued, so the staged files stay
+    until the run has ended. When the disk fills up (or any write fails), the files already copied
     are removed again, so no half-written artifact is left looking complete."""
     from ..tracking.fingerprint import frozen_requirements, git_diff
 
-    with tempfile.TemporaryDirectory() as tmp:
-        art = (out_dir or Path(tmp)) / "artifacts"
-        try:
-            _write_artifacts(cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
-            (art / "environment").mkdir(exist_ok=True)
-            (art / "environment" / "requirements.txt").write_text(frozen_requirements())
-            if git_diff():
-                (art / "environment" / "git.diff").write_text(git_diff())
-            if out_dir is not None and (out_dir / ".hydra").is_dir():
-                (art / "hydra").mkdir(exist_ok=True)
-                for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
-                    (art / "hydra" / f.name).write_text(redact(f.read_text()))
-            run.log_artifacts(art)
-            if run.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
-                from ..tracking.pyfunc import log_model
+    art = work_dir / "artifacts"
+    try:
+        _write_artifacts(cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
+        (art / "environment").mkdir(exist_ok=True)
+        (art / "environment" / "requirements.txt").write_text(frozen_requirements())
+        if git_diff():
+            (art / "environment" / "git.diff").write_text(git_diff())
+        if out_dir is not None and (out_dir / ".hydra").is_dir():
+            (art / "hydra").mkdir(exist_ok=True)
+            for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
+                (art / "hydra" / f.name).write_text(redact(f.read_text()))
+        run.log_artifacts(art)
+        if run.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
+            from ..tracking.pyfunc import log_model
 
-                log_model(run.client, run.run_id, run.model_id, art / "model", test.x[:5].asnumpy())
-        except OSError as exc:
-            _remove_uploaded(run, art)
-            raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
-                                "free space where outputs/ and the experiment's artifacts live, then rerun "
-                                "the job") from exc
+            log_model(run.client, run.run_id, run.model_id, art / "model", test.x[:5].asnumpy(),
+                      work_dir / MODEL_STAGING)
+    except OSError as exc:
+        _remove_uploaded(run, art)
+        raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
+                            "free space where outputs/ and the experiment's artifacts live, then rerun "
+                            "the job") from exc
+
+
+MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is written
 
 
 def _remove_uploaded(run: RunLog, staged: Path) -> None:

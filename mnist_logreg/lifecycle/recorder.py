@@ -3,7 +3,8 @@
     open_run(job)       create the MLflow run (or reopen the resumed one)   -> Recorder
     Recorder.begin      params, config.yaml and the untrained accuracies (step 0)
     Recorder.epoch      one epoch's metrics and checkpoint, never split by a signal
-    Recorder.finish     weights hash and artifacts: the run is complete
+    Recorder.finish     weights hash and artifacts, sent
+    Recorder.finished   the artifacts written (a record writer's queue settled): the run is complete
     Recorder.running()  ends the run FINISHED, FAILED or KILLED, uploading the checkpoint if unfinished
 """
 
@@ -24,8 +25,10 @@ from ..ml import checkpoint
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
 from ..tracking.runlog import RunLog
+from ..tracking.writer import WriteFailed, deferring
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
+from .artifacts import MODEL_STAGING
 from .lease import Heartbeat, holder_tags
 from .parent import mark_interrupted
 from .prepare import SERVER_PATIENCE_S, Job
@@ -41,9 +44,10 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
     with job.clock("store"):
         work_dir = job.out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
         holder = {**holder_tags(), TAG_CHECKPOINT_DIR: str((work_dir / "checkpoint").resolve())}
+        client = deferring(job.client)  # through this process's record writer, if it has one
         if job.resumed is not None:
-            job.client.update_run(job.resumed.run.info.run_id, status="RUNNING")
-            run = RunLog(job.client, job.resumed.run.info.run_id)
+            client.update_run(job.resumed.run.info.run_id, status="RUNNING")
+            run = RunLog(client, job.resumed.run.info.run_id)
             notes = {"abandoned": job.resumed.abandoned} if job.resumed.abandoned else {}
             before = job.resumed.run.info
             if before.end_time:  # the time it spent stopped does not count as its wall time
@@ -72,7 +76,7 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 **holder,
                 **dict(extra_tags or {}),
             }
-            run = RunLog.create(job.client, job.experiment_id, run_name or run_name_of(job.overrides), tags)
+            run = RunLog.create(client, job.experiment_id, run_name or run_name_of(job.overrides), tags)
             splits = {"train": job.train_split, "test": job.test_split}
             if job.val_split is not None:
                 splits["val"] = job.val_split
@@ -109,6 +113,7 @@ class Recorder:
         self.patience = SERVER_PATIENCE_S if remote else 0.0
         self.ckpt_dir = self.work_dir / "checkpoint"
         self.status = "FAILED"
+        self.reported = False  # whether this run's failure was already told, in its own line
         self.result: dict[str, Any] = {"run_id": run.run_id}
         self.log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
 
@@ -163,6 +168,7 @@ class Recorder:
         """One epoch's checkpoint and metrics, written together, never split by a signal (the
         checkpoint first: it keeps the metrics too, for a process killed in between)."""
         with self.job.clock("logging"), self.signals.deferred():
+            self.run.settle_last_step()  # a checkpoint never outlives the previous epoch's metrics
             checkpoint.save(self.ckpt_dir, m.epoch, net, trainer, rng, m.as_metrics())
             self.run.log_metrics(m.epoch, m.as_metrics())
             beat = self.heartbeat.due()
@@ -196,40 +202,54 @@ class Recorder:
         self.log.info("run %s pruned after epoch %d: %s", self.run.run_id, epoch, reason)
         self.result["pruned"] = epoch
 
-    def finish(self, net, test, history) -> dict[str, Any]:
-        """Weights hash and artifacts; the run then ends FINISHED (its result says PRUNED if pruned)."""
+    def finish(self, net, test, history) -> None:
+        """Weights hash and artifacts, sent (a record writer writes them while the caller goes on);
+        finished() then confirms them."""
         from ..ml.model import params_hash
         from .artifacts import log_artifacts
 
         with self.job.clock("artifacts"), self.signals.deferred():
             self.run.drain(self.patience)
             self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
-            log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir)
+            log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir, self.work_dir)
+        self.history = history
+
+    def finished(self) -> dict[str, Any]:
+        """Once everything the run sent is written, it is complete: it then ends FINISHED (its result
+        says PRUNED if pruned). A write that failed raises here, and the run ends FAILED."""
+        with self.job.clock("artifacts"), self.signals.deferred():
+            self.run.settle()
         self.status = "FINISHED"
-        self.result.update(history[-1].as_metrics(), status="PRUNED" if "pruned" in self.result else self.status,
-                           epochs=len(history))
+        self.result.update(self.history[-1].as_metrics(),
+                           status="PRUNED" if "pruned" in self.result else self.status, epochs=len(self.history))
         return self.result
 
     def close(self) -> None:
         """Timing tags, the checkpoint of an unfinished run, and the run's end (a signal meanwhile
-        takes effect once the run has ended)."""
+        takes effect once the run has ended). A write the record writer could not make ends the run
+        FAILED with one line; its stack's other runs are not affected."""
         with self.signals.deferred():
             try:
                 try:
                     self.run.set_tags({**self.job.clock.tags(), **self.closing_tags})
-                except Exception:
+                    latest = checkpoint.latest(self.ckpt_dir)
+                    if self.status != "FINISHED" and latest is not None:
+                        self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+                    if self.status != "FINISHED" and self.run.model_id is not None:
+                        self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
+                    self.run.settle()  # what a record writer still held of this run
+                except Exception as exc:
                     if self.status == "FINISHED":  # a finished run without its weights' hash is not one
                         self.status = "FAILED"
-                    raise
-                latest = checkpoint.latest(self.ckpt_dir)
-                if self.status != "FINISHED" and latest is not None:
-                    self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
-                if self.status != "FINISHED" and self.run.model_id is not None:
-                    self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
+                        self.result["status"] = self.status
+                    if not isinstance(exc, WriteFailed):
+                        raise
+                    if not self.reported:
+                        self.log.error("run %s: %s", self.run.run_id, exc)
             finally:
                 self.run.end(self.status, self.patience)
-                if self.job.out_dir is None:
-                    shutil.rmtree(self.work_dir, ignore_errors=True)
+                shutil.rmtree(self.work_dir if self.job.out_dir is None else self.work_dir / MODEL_STAGING,
+                              ignore_errors=True)
             self.result.setdefault("status", self.status)
             self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
                           run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))

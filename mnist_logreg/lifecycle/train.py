@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..tracking.writer import WriteFailed
 from .prepare import Job, seed_everything
 from .recorder import Recorder, open_run
 from .signals import JobSignals
@@ -137,8 +138,19 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     def on_nonfinite(member, reason: str) -> None:
         results[member.index] = recorders[member.index].nonfinite(reason)
 
+    def failed(member, recorder: Recorder, exc: Exception) -> None:  # this run ends FAILED, its stack goes on
+        if width is not None:  # a lone job raises it instead, and its caller tells it
+            recorder.log.error("run %s: %s", recorder.run.run_id, exc)
+            recorder.reported = True
+        results[member.index] = exc
+
     def on_epoch(member, m) -> str | None:
-        recorders[member.index].epoch(m, member.net, member.trainer, rng)
+        try:
+            recorders[member.index].epoch(m, member.net, member.trainer, rng)
+        except WriteFailed as exc:  # a record writer could not write this run's records
+            member.failed = str(exc)
+            failed(member, recorders[member.index], exc)
+            return None
         return _epoch_judge(jobs[member.index], m) if _epoch_judge is not None else None
 
     fit(models, train_d, test_d, epochs=cfg.trainer.epochs, batch_size=cfg.data.batch_size, seed=cfg.seed,
@@ -146,16 +158,21 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
         start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch, val=val_d,
         on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
             epoch, {member.index: member.history[-1] for member in going}))
-    for member, recorder in zip(models.members, recorders):
+    finishing = []
+    for member, recorder in zip(models.members, recorders):  # each run's artifacts, sent one after another
         if member.failed is None:
             try:
                 if member.stopped is not None:
                     recorder.pruned(member.stopped, member.history[-1].epoch)
-                results[member.index] = recorder.finish(member.net, test_d, member.history)
+                recorder.finish(member.net, test_d, member.history)
+                finishing.append((member, recorder))
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
-                if width is not None:
-                    recorder.log.error("run %s: %s", recorder.run.run_id, exc)
-                results[member.index] = exc
+                failed(member, recorder, exc)
+    for member, recorder in finishing:  # then confirmed: a record writer wrote them meanwhile
+        try:
+            results[member.index] = recorder.finished()
+        except Exception as exc:
+            failed(member, recorder, exc)
 
 
 def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d, test_d, val_d=None):

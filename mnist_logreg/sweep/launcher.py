@@ -23,7 +23,7 @@ from typing import Any, Hashable, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..project import LOG_FORMAT
 
@@ -156,6 +156,17 @@ def _plain_key(config: DictConfig, override: Any) -> bool:
         return False
 
 
+def start_record_writer(uri: str | None) -> None:
+    """This process's runs on a local SQLite store write through a record writer process, started
+    now so that it has imported MLflow by the time the first stack opens its runs (a server's runs
+    write directly, with their spool)."""
+    from ..tracking.store import sqlite_path
+    from ..tracking.writer import start
+
+    if isinstance(uri, str) and sqlite_path(uri) is not None:  # None: another app's config
+        start(uri)
+
+
 def plan_stacks(keys: Sequence[Hashable | None], max_stack: int) -> list[list[int]]:
     """The stacks to train: the indices of the jobs with a key (None: not to train), grouped by equal
     keys in the order each key first appears, and each group cut into stacks of at most max_stack."""
@@ -202,6 +213,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
+    start_record_writer(OmegaConf.select(launcher.config, "tracking.uri"))
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..tracking import writer
 from ..tracking.queries import job_runs
 from ..tracking.tags import TAG_FAILURE
 
@@ -51,14 +52,15 @@ def descendants(pid: int | None = None) -> list[int]:
 
 def job_processes() -> list[int]:
     """The processes below this one that run jobs: all but the resource trackers of multiprocessing
-    and loky, which ignore SIGTERM and exit by themselves once this process has gone."""
+    and loky and this process's record writer, which ignore SIGTERM and exit by themselves once
+    this process has gone (the writer after writing what it holds)."""
     out = []
     for pid in descendants():
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"resource_tracker" not in command:
+        if b"resource_tracker" not in command and writer.__name__.encode() not in command:
             out.append(pid)
     return out
 

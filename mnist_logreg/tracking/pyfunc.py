@@ -56,23 +56,23 @@ def signature(num_classes: int = 10):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray) -> None:
+def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray, staging: Path) -> None:
     """Save the pyfunc (with its signature and an input example of real test images) into the
     logged model `model_id`, whose metrics the run has been logging, and mark it READY.
 
     Every run of a process gets the same MLmodel, environment files and input example but its own
     weights: MLflow writes them once (`Template`), and each run copies them with its own export and
-    its own model uuid, creation time, size and export paths in the MLmodel."""
+    its own model uuid, creation time, size and export paths in the MLmodel. The files are staged
+    in `staging` (emptied first), which must stay until the upload is written."""
     import shutil
 
     template = _template(example.tobytes(), example.shape, str(example.dtype))
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "model"
-        shutil.copytree(template.folder, saved)
-        for source in ("model-symbol.json", "model-0000.params"):
-            shutil.copyfile(export_dir / source, saved / "artifacts" / source)
-        (saved / "MLmodel").write_text(template.mlmodel(export_dir))
-        client.log_model_artifacts(model_id, str(saved))
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(template.folder, staging)
+    for source in ("model-symbol.json", "model-0000.params"):
+        shutil.copyfile(export_dir / source, staging / "artifacts" / source)
+    (staging / "MLmodel").write_text(template.mlmodel(export_dir))
+    client.log_model_artifacts(model_id, str(staging))
     client.finalize_logged_model(model_id, "READY")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import HarnessError, TrackingError
+from . import writer
 from .store import retry_with_backoff
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RunLog:
         self.run_id = run_id
         self.spool = spool  # where metrics wait while the store is unreachable (None: raise)
         self.model_id: str | None = None  # the run's logged model: its metrics are linked to it
+        self._last_step: int | None = None  # with a record writer: where the previous step's write was sent
 
     @classmethod
     def create(cls, client, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> "RunLog":
@@ -76,6 +78,7 @@ class RunLog:
         or at the end of the run.
         """
         points = [(k, float(v), int(time.time() * 1000), step, self.model_id) for k, v in metrics.items()]
+        self.settle_last_step()
         if self.spool is not None and self.spool.exists():
             self.flush()
         try:
@@ -93,6 +96,18 @@ class RunLog:
 
         with _few_retries(self.spool is not None):
             self.client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
+        self._last_step = writer.mark(self.client)
+
+    def settle_last_step(self) -> None:
+        """With a record writer, the previous step's metrics must be written before the next step goes
+        (and before the checkpoint that would outlive them): wait for them, raise if they failed."""
+        if self._last_step is not None:
+            self.settle(self._last_step)
+
+    def settle(self, upto: int | None = None) -> None:
+        """With a record writer, wait until this run's writes sent so far (or up to mark `upto`) are
+        done, and raise the first that failed (writer.WriteFailed); a plain client wrote them already."""
+        writer.settle(self.client, self.run_id, upto)
 
     def flush(self) -> bool:
         """Send the spooled metrics, if any; True when none are left."""
@@ -144,7 +159,8 @@ class RunLog:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     def end(self, status: str, patience: float = 0.0) -> None:
-        """Send any spooled metrics, then mark the run FINISHED, FAILED or KILLED."""
+        """Send any spooled metrics, then mark the run FINISHED, FAILED or KILLED (after everything it
+        queued: with a record writer, set_terminated is answered in order)."""
         self.drain(patience)
         self.client.set_terminated(self.run_id, status)
 

@@ -1,0 +1,272 @@
+"""One record writer per launching process: a child process that makes a local store's MLflow writes
+while training goes on.
+
+On SQLite, each MLflow call is mostly SQLAlchemy's Python (2.5 to 7 ms), paid on the training
+thread, under its GIL. A launching process that trains stacks on a local store starts a writer
+(`start`); `deferring(client)` then gives its runs a client whose writes are queued to the child in
+order and whose reads wait for what was queued before them, so a run reads its own writes.
+
+    writes (log_batch, log_inputs, log_text, log_artifacts, ...)   queued; their errors are kept
+    settle(run_id)                                                  waits for that run's writes and
+                                                                    raises the first that failed
+    anything else (create_run, get_run, set_terminated, ...)        asked and answered in order
+
+A failed write fails only its run: the child skips that run's later writes and the caller learns it
+at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C and SIGTERM, which
+reach it with its parent: it finishes what was queued, so a stopping run still ends with everything
+it logged. It leaves when its parent closes the pipe (at exit, or when the parent dies), having
+written what it was sent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from ..errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+# The client calls whose answers no caller reads: queued, not waited for.
+WRITES = frozenset({"log_batch", "log_inputs", "log_outputs", "log_text", "log_artifacts", "log_artifact",
+                    "set_tag", "update_run", "log_model_artifacts", "finalize_logged_model"})
+# Those that name a logged model first, not a run: their errors belong to the model's run.
+MODEL_WRITES = frozenset({"log_model_artifacts", "finalize_logged_model"})
+CLOSE_WAIT_S = 60.0  # at exit, how long the child may take to write what it still holds
+
+
+class WriteFailed(TrackingError):
+    """A queued write of this run failed in the record writer."""
+
+
+class Writer:
+    """The parent's end: a child process on one store, a pipe each way, and a thread that reads
+    the child's answers as they come (so neither side ever waits on a full pipe)."""
+
+    def __init__(self, uri: str) -> None:
+        from multiprocessing.connection import Connection
+
+        self.uri = uri
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, uri, str(to_child_r), str(from_child_w)],
+                                     pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send = Connection(to_child_w, readable=False)
+        self._recv = Connection(from_child_r, writable=False)
+        self._cond = threading.Condition()
+        self.sent = 0  # the number of the last request sent
+        self.done = 0  # the number of the last request the child answered
+        self.answers: dict[int, tuple[bool, Any]] = {}  # asked requests: (ok, result or message)
+        self.failed: dict[str, str] = {}  # run id -> its first failed write
+        self.gone: str | None = None  # why the child is no longer there
+        self._reader = threading.Thread(target=self._read, name="mnist_logreg-record-writer", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                seq, key, ok, value = self._recv.recv()
+            except (EOFError, OSError):
+                with self._cond:
+                    self.gone = self.gone or f"the record writer process ended (exit {self.proc.wait()})"
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.done = seq
+                if key is not None and not ok:
+                    self.failed.setdefault(key, value)
+                elif key is None:
+                    self.answers[seq] = (ok, value)
+                self._cond.notify_all()
+
+    def request(self, key: str | None, method: str, args: tuple, kwargs: dict) -> int:
+        """Send one call (key: the run a write belongs to, None for a call that is answered)."""
+        with self._cond:
+            if self.gone:
+                raise WriteFailed(f"{self.gone}: rerun the sweep to continue its runs")
+            self.sent += 1
+            seq = self.sent
+        self._send.send((seq, key, method, args, kwargs))
+        return seq
+
+    def wait(self, seq: int) -> None:
+        """Until the child has answered request seq (every request before it too)."""
+        with self._cond:
+            while self.done < seq and not self.gone:
+                self._cond.wait()
+            if self.done < seq:
+                raise WriteFailed(f"{self.gone} before writing every record: rerun the sweep to continue its runs")
+
+    def ask(self, method: str, args: tuple, kwargs: dict) -> Any:
+        seq = self.request(None, method, args, kwargs)
+        self.wait(seq)
+        with self._cond:
+            ok, value = self.answers.pop(seq)
+        if not ok:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException(value)
+        return value
+
+    def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Let the child write what it holds and leave; killed if it takes longer than timeout."""
+        try:
+            self._send.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the record writer did not finish within %.0f s: stopped", timeout)
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+
+
+class Deferring:
+    """An MlflowClient as its runs see it while a writer is on: writes queued, reads in order."""
+
+    def __init__(self, client: Any, writer: Writer) -> None:
+        self.direct, self.writer = client, writer
+        self.tracking_uri = client.tracking_uri
+        self._model_run: dict[str, str] = {}  # logged model id -> its run's id
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        if method in WRITES:
+            def later(*args, **kwargs) -> None:
+                key = str(self._model_run.get(args[0], args[0]) if method in MODEL_WRITES else args[0])
+                if self.writer.gone:  # nothing takes it now: the run fails at its next settle
+                    self.writer.failed.setdefault(key, self.writer.gone)
+                elif key not in self.writer.failed:
+                    self.writer.request(key, method, args, kwargs)
+            return later
+
+        def now(*args, **kwargs) -> Any:
+            try:
+                answer = self.writer.ask(method, args, kwargs)
+            except WriteFailed:
+                if not self.writer.gone:
+                    raise
+                return getattr(self.direct, method)(*args, **kwargs)  # its runs can still be read and ended
+            self._note_models(answer)
+            return answer
+        return now
+
+    def _note_models(self, answer: Any) -> None:
+        for model in answer if isinstance(answer, list) else [answer]:
+            if hasattr(model, "model_id") and hasattr(model, "source_run_id"):
+                self._model_run[model.model_id] = model.source_run_id
+
+    def mark(self) -> int:
+        """The number of the last request sent: settle(run_id, upto=mark) waits for those only."""
+        return self.writer.sent
+
+    def settle(self, run_id: str, upto: int | None = None) -> None:
+        """Wait until the writes sent so far (or up to `upto`) are done; raise WriteFailed with the
+        first of run_id's that failed."""
+        self.writer.wait(self.writer.sent if upto is None else upto)
+        failure = self.writer.failed.get(run_id)
+        if failure is not None:
+            raise WriteFailed(f"a record could not be written ({failure})")
+
+
+_writers: dict[str, Writer] = {}
+
+
+def start(uri: str) -> None:
+    """Start this process's record writer for the store at uri (once; it leaves at exit)."""
+    if uri in _writers and _writers[uri].gone is None:
+        return
+    if not _writers:
+        atexit.register(stop_all)
+    _writers[uri] = Writer(uri)
+
+
+def deferring(client: Any) -> Any:
+    """The client its runs should write through: a Deferring one when this process has a writer on
+    its store, else the client itself."""
+    if isinstance(client, Deferring):
+        return client
+    writer = _writers.get(client.tracking_uri)
+    return Deferring(client, writer) if writer is not None and writer.gone is None else client
+
+
+def settle(client: Any, run_id: str, upto: int | None = None) -> None:
+    """Wait for run_id's queued writes (none with a plain client) and raise the first that failed."""
+    if isinstance(client, Deferring):
+        client.settle(run_id, upto)
+
+
+def mark(client: Any) -> int | None:
+    return client.mark() if isinstance(client, Deferring) else None
+
+
+def stop_all() -> None:
+    """Close every writer of this process, each once it has written what it holds."""
+    while _writers:
+        _writers.popitem()[1].close()
+
+
+# -- the child ---------------------------------------------------------------------------------------
+
+def _serve(uri: str, read_fd: int, write_fd: int) -> None:
+    import signal
+    from multiprocessing.connection import Connection
+
+    # Ctrl-C, SIGTERM and Slurm's warning signal reach the whole process group or job step: the parent
+    # stops its runs, and this writes their ends.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    from mlflow.tracking import MlflowClient
+
+    from ..errors import one_line
+    from .store import quiet_mlflow_console
+    from .tags import TAG_FAILURE
+
+    quiet_mlflow_console()
+    requests, answers = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)  # the store's engine and schema check, before the first request
+    failed: set[str] = set()
+    while True:
+        try:
+            seq, key, method, args, kwargs = requests.recv()
+        except EOFError:
+            return
+        if key is not None and key in failed:  # its run already failed: the rest of it is not written
+            answers.send((seq, key, True, None))
+            continue
+        try:
+            value = getattr(client, method)(*args, **kwargs)
+            answers.send((seq, key, True, None if key is not None else value))
+        except Exception as exc:  # noqa: BLE001 - every failure is the caller's to report
+            why = f"{method}: {type(exc).__name__}: {_short(one_line(exc))}"
+            if key is not None:
+                failed.add(key)
+                try:  # on the run too, where the store still takes it
+                    client.set_tag(key, TAG_FAILURE, f"a record could not be written ({why})")
+                except Exception:  # noqa: BLE001 - the caller reports it either way
+                    pass
+            answers.send((seq, key, False, why))
+
+
+def _short(text: str) -> str:
+    """A store error without SQLAlchemy's statement, parameters and advice."""
+    text = re.sub(r"\s*\(raised as a result of Query-invoked autoflush;[^)]*\)", "", text)
+    text = re.sub(r"\s*\(Background on this error at: [^)]*\)", "", text)
+    return text.split(" [SQL: ", 1)[0].strip()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    os._exit(0)  # everything is written (SQLite committed each call): no interpreter teardown to wait for
