@@ -124,3 +124,21 @@ def test_a_validation_split_is_a_fixed_seeded_subset_never_in_the_training_rows(
     assert hold_out(train, 0, seed=3) == (train, None)
     with pytest.raises(Exception, match="data.val_size"):
         hold_out(train, len(labels), seed=3)
+
+
+@pytest.mark.parametrize("rows", [64, 1000])  # at batch 64: one batch a gather, or 15 of them
+def test_the_shuffle_gathered_in_parts_trains_bit_identical_to_one_gather(digits, monkeypatch, rows):
+    from mnist_logreg.ml import training
+
+    (train_img, train_lbl), (test_img, test_lbl) = digits
+    ctx = mx.cpu()
+    train_d, test_d = to_device(as_split(train_img, train_lbl), ctx), to_device(as_split(test_img, test_lbl), ctx)
+
+    def trained(gather_rows: int):
+        monkeypatch.setattr(training, "GATHER_ROWS", gather_rows)
+        net = build_net(10, 0.1, ctx, 3)
+        [member] = fit(Lone(net, make_trainer(net, 0.5)), train_d, test_d, epochs=2, batch_size=64, seed=3)
+        weights = [p.data().asnumpy().tobytes() for p in net.collect_params().values()]
+        return [(m.train_loss, m.train_acc, m.test_acc) for m in member.history], weights
+
+    assert trained(rows) == trained(len(train_img))  # the whole split at once, as before

@@ -106,19 +106,29 @@ def run_epoch(loss_block: gluon.HybridBlock, update: Callable[[int], None], trai
               rng: np.random.Generator) -> tuple[nd.NDArray, float]:
     """One epoch of mini-batches in the order rng.permutation(n): for each batch, the loss under
     autograd, backward, update(batch_size). Returns the per-example losses, concatenated on the
-    device (nothing waits for them), and the time the epoch started."""
+    device (nothing waits for them), and the time the epoch started.
+
+    The shuffled examples are gathered a few thousand at a time (whole batches each): the same
+    batches as one gather of the whole split, without a second copy of the images (188 MB for
+    60,000) held through the epoch."""
     order = nd.array(rng.permutation(len(train)), ctx=train.x.context, dtype=np.int64)
-    xs, ys = nd.take(train.x, order), nd.take(train.y, order)
+    per = max(1, GATHER_ROWS // batch_size) * batch_size
     losses = []
     t0 = time.perf_counter()
-    for start in range(0, len(train), batch_size):
-        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-        with autograd.record():
-            loss = loss_block(xb, yb)
-        loss.backward()
-        update(batch_size)
-        losses.append(loss)
+    for lo in range(0, len(train), per):
+        rows = order[lo : lo + per]
+        xs, ys = nd.take(train.x, rows), nd.take(train.y, rows)
+        for start in range(0, len(rows), batch_size):
+            xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+            with autograd.record():
+                loss = loss_block(xb, yb)
+            loss.backward()
+            update(batch_size)
+            losses.append(loss)
     return nd.concat(*losses, dim=0), t0
+
+
+GATHER_ROWS = 8192  # shuffled training examples gathered at once (rounded down to whole batches)
 
 
 @dataclass

@@ -98,6 +98,15 @@ class RunLog:
             self.client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
         self._last_step = writer.mark(self.client)
 
+    def later(self, fn, *args) -> None:
+        """fn(*args) (a module-level function, since it may be sent): by the record writer, in order
+        with this run's writes, when the run has one (its failure then fails the run at its next
+        settle); else now."""
+        if isinstance(self.client, writer.Deferring):
+            self.client.call_later(self.run_id, fn, args)
+        else:
+            fn(*args)
+
     def settle_last_step(self) -> None:
         """With a record writer, the previous step's metrics must be written before the next step goes
         (and before the checkpoint that would outlive them): wait for them, raise if they failed."""

@@ -7,6 +7,8 @@ thread, under its GIL. A launching process that trains stacks on a local store s
 order and whose reads wait for what was queued before them, so a run reads its own writes.
 
     writes (log_batch, log_inputs, log_text, log_artifacts, ...)   queued; their errors are kept
+    call_later(run_id, fn, args)                                    a run's own work (its pictures),
+                                                                    queued with its writes
     settle(run_id)                                                  waits for that run's writes and
                                                                     raises the first that failed
     anything else (create_run, get_run, set_terminated, ...)        asked and answered in order
@@ -87,7 +89,7 @@ class Writer:
                     self.answers[seq] = (ok, value)
                 self._cond.notify_all()
 
-    def request(self, key: str | None, method: str, args: tuple, kwargs: dict) -> int:
+    def request(self, key: str | None, method: Any, args: tuple, kwargs: dict) -> int:
         """Send one call (key: the run a write belongs to, None for a call that is answered)."""
         with self._cond:
             if self.gone:
@@ -144,11 +146,8 @@ class Deferring:
             raise AttributeError(method)
         if method in WRITES:
             def later(*args, **kwargs) -> None:
-                key = str(self._model_run.get(args[0], args[0]) if method in MODEL_WRITES else args[0])
-                if self.writer.gone:  # nothing takes it now: the run fails at its next settle
-                    self.writer.failed.setdefault(key, self.writer.gone)
-                elif key not in self.writer.failed:
-                    self.writer.request(key, method, args, kwargs)
+                key = self._model_run.get(args[0], args[0]) if method in MODEL_WRITES else args[0]
+                self.call_later(str(key), method, args, kwargs)
             return later
 
         def now(*args, **kwargs) -> Any:
@@ -166,6 +165,14 @@ class Deferring:
         for model in answer if isinstance(answer, list) else [answer]:
             if hasattr(model, "model_id") and hasattr(model, "source_run_id"):
                 self._model_run[model.model_id] = model.source_run_id
+
+    def call_later(self, run_id: str, method: Any, args: tuple, kwargs: dict | None = None) -> None:
+        """Queue a write of run_id: a client method's name, or a module-level function to call in the
+        child (work of the run's own, in order with its writes). A run whose write failed sends no more."""
+        if self.writer.gone:  # nothing takes it now: the run fails at its next settle
+            self.writer.failed.setdefault(run_id, self.writer.gone)
+        elif run_id not in self.writer.failed:
+            self.writer.request(run_id, method, args, kwargs or {})
 
     def mark(self) -> int:
         """The number of the last request sent: settle(run_id, upto=mark) waits for those only."""
@@ -247,10 +254,10 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
             answers.send((seq, key, True, None))
             continue
         try:
-            value = getattr(client, method)(*args, **kwargs)
+            value = method(*args, **kwargs) if callable(method) else getattr(client, method)(*args, **kwargs)
             answers.send((seq, key, True, None if key is not None else value))
         except Exception as exc:  # noqa: BLE001 - every failure is the caller's to report
-            why = f"{method}: {type(exc).__name__}: {_short(one_line(exc))}"
+            why = f"{getattr(method, '__name__', method)}: {type(exc).__name__}: {_short(one_line(exc))}"
             if key is not None:
                 failed.add(key)
                 try:  # on the run too, where the store still takes it
