@@ -12,10 +12,11 @@ from ..errors import TrackingError
 from ..tracking.runlog import RunLog
 
 
-def _write_artifacts(run: RunLog, cfg: DictConfig, net, test, out: Path, names) -> Path:
-    """Exported model, sample predictions and confusion matrix, under out/ (the two pictures are
-    drawn by the record writer, when the run has one, before it uploads the folder)."""
+def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
+    """Exported model, sample predictions and confusion matrix, under out/."""
     from mxnet import nd
+
+    from .plots import confusion_matrix, plot_confusion, plot_predictions
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -28,19 +29,12 @@ def _write_artifacts(run: RunLog, cfg: DictConfig, net, test, out: Path, names) 
     ])
     true = test.y.asnumpy()
     pick = np.random.default_rng(cfg.seed).choice(len(true), size=min(10, len(true)), replace=False)
-    images = test.x[nd.array(pick, dtype=np.int64, ctx=test.x.context)].asnumpy()
-    run.later(draw_pictures, images, true, preds, pick, out, names, cfg.model.num_outputs, cfg.data.name)
-    return out
-
-
-def draw_pictures(images, true, preds, pick, out: Path, names, num_classes: int, data_name: str) -> None:
-    """predictions.png (the picked test images) and confusion_matrix.png, into out/."""
-    from .plots import confusion_matrix, plot_confusion, plot_predictions
-
-    plot_predictions(images, true[pick], preds[pick], out / "predictions.png", names)
-    counts = confusion_matrix(true, preds, num_classes)
+    plot_predictions(test.x[nd.array(pick, dtype=np.int64, ctx=test.x.context)].asnumpy(),
+                     true[pick], preds[pick], out / "predictions.png", names)
+    counts = confusion_matrix(true, preds, cfg.model.num_outputs)
     plot_confusion(counts, out / "confusion_matrix.png", names,
-                   title=f"{data_name} test set: accuracy {np.trace(counts) / counts.sum():.4f}")
+                   title=f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}")
+    return out
 
 
 def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None, work_dir: Path) -> None:
@@ -53,7 +47,7 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None,
 
     art = work_dir / "artifacts"
     try:
-        _write_artifacts(run, cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
+        _write_artifacts(cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
         (art / "environment").mkdir(exist_ok=True)
         (art / "environment" / "requirements.txt").write_text(frozen_requirements())
         if git_diff():

@@ -1,6 +1,6 @@
 """One job's run: opened (or reopened on resume), recorded epoch by epoch, finished, and always ended.
 
-    open_run(job)       create the MLflow run (or reopen the resumed one)   -> Recorder
+    open_run(job)()     create the MLflow run (or reopen the resumed one)   -> Recorder
     Recorder.begin      params, config.yaml and the untrained accuracies (step 0)
     Recorder.epoch      one epoch's metrics and checkpoint, never split by a signal
     Recorder.finish     weights hash and artifacts, sent
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -36,11 +36,14 @@ from .signals import JobSignals
 
 
 def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = None, run_name: str | None = None
-             ) -> "Recorder":
+             ) -> Callable[[], "Recorder"]:
     """Create the job's MLflow run (status RUNNING), named run_name or by its overrides, or reopen the
-    stopped run it continues. Either way the run records this process as its holder."""
+    stopped run it continues. Either way the run records this process as its holder. The returned
+    call gives its Recorder: with a record writer a new run is created while the caller goes on
+    (a stack's setup), and the call waits for it."""
     from .parent import note_reused, sweep_tags
 
+    size = int((extra_tags or {}).get("stack.size", 1))
     with job.clock("store"):
         work_dir = job.out_dir or Path(tempfile.mkdtemp(prefix="mnist_logreg_"))
         holder = {**holder_tags(), TAG_CHECKPOINT_DIR: str((work_dir / "checkpoint").resolve())}
@@ -60,29 +63,34 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
                 note_reused(job.client, job.cfg.tracking.uri, run.run_id, "continued")
             if job.resumed.abandoned:
                 job.log.warning("run %s was left RUNNING, but %s: continuing it", run.run_id, job.resumed.abandoned)
-        else:
-            tags = {
-                TAG_ROLE: "job",
-                "context": str(job.ctx),
-                "data.root": str(job.files.root),
-                "hydra.overrides": redact(" ".join(job.overrides)),
-                "command": command_line(),
-                **{f"data.sha256.{name}": h for name, h in job.files.sha256().items()},
-                **environment_tags(),
-                **job.fingerprint,
-                **sweep_tags(job.cfg.tracking.uri),
-                **{f"search.{k}": ",".join(map(str, v)) if OmegaConf.is_list(v) else str(v)
-                   for k, v in (job.cfg.get("search") or {}).items() if v is not None},
-                **holder,
-                **dict(extra_tags or {}),
-            }
-            run = RunLog.create(client, job.experiment_id, run_name or run_name_of(job.overrides), tags)
-            splits = {"train": job.train_split, "test": job.test_split}
-            if job.val_split is not None:
-                splits["val"] = job.val_split
-            run.log_inputs(dataset_inputs(job.cfg.data.name, job.files, splits))
-            run.create_model(job.experiment_id)
-    return Recorder(job, run, signals, work_dir, int((extra_tags or {}).get("stack.size", 1)))
+            recorder = Recorder(job, run, signals, work_dir, size)
+            return lambda: recorder
+        tags = {
+            TAG_ROLE: "job",
+            "context": str(job.ctx),
+            "data.root": str(job.files.root),
+            "hydra.overrides": redact(" ".join(job.overrides)),
+            "command": command_line(),
+            **{f"data.sha256.{name}": h for name, h in job.files.sha256().items()},
+            **environment_tags(),
+            **job.fingerprint,
+            **sweep_tags(job.cfg.tracking.uri),
+            **{f"search.{k}": ",".join(map(str, v)) if OmegaConf.is_list(v) else str(v)
+               for k, v in (job.cfg.get("search") or {}).items() if v is not None},
+            **holder,
+            **dict(extra_tags or {}),
+        }
+        splits = {"train": job.train_split, "test": job.test_split}
+        if job.val_split is not None:
+            splits["val"] = job.val_split
+        opened = RunLog.open_soon(client, job.experiment_id, run_name or run_name_of(job.overrides), tags,
+                                  dataset_inputs(job.cfg.data.name, job.files, splits))
+
+    def recorder() -> Recorder:
+        with job.clock("store"):
+            run = opened()
+        return Recorder(job, run, signals, work_dir, size)
+    return recorder
 
 
 def run_name_of(overrides: list[str]) -> str:

@@ -94,13 +94,26 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
             on_stack(width.describe())
     # The handlers stay installed until every run has ended, so that a stop is never cut short.
     with signals.installed(), contextlib.ExitStack() as ends:
+        with signals.deferred():  # a signal while the runs are created ends them KILLED, once they exist
+            openings = [open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
+                        for i, job in enumerate(jobs)]
         recorders: list[Recorder] = []
-        for i, job in enumerate(jobs):
-            with signals.deferred():  # a signal while the run is created ends it KILLED, once it exists
-                recorder = open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
-                ends.enter_context(recorder.running())
-            recorders.append(recorder)
-        _fit_and_finish(jobs, width.width if width else None, recorders, results, on_epoch_done)
+        try:
+            ready = _setup(jobs, width.width if width else None)  # meanwhile a record writer creates the runs
+        finally:  # every run that was asked for is opened, so that each one ends
+            failure = None
+            with signals.deferred():
+                for opening in openings:
+                    try:
+                        recorder = opening()
+                    except Exception as exc:
+                        failure = failure or exc
+                        continue
+                    ends.enter_context(recorder.running())
+                    recorders.append(recorder)
+            if failure is not None:
+                raise failure
+        _fit_and_finish(jobs, width.width if width else None, recorders, results, ready, on_epoch_done)
     if group is None and isinstance(results[0], Exception):
         raise results[0]
     return results  # type: ignore[return-value]
@@ -118,16 +131,25 @@ def stack_width(jobs: Sequence[Job]):
         return widest_exact(len(jobs), cfg.model.num_outputs, first.ctx, shapes)
 
 
-def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list,
-                    on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
-    from ..ml.training import fit, to_device
+def _setup(jobs: Sequence[Job], width: int | None) -> tuple:
+    """The data on the device, the models, the untrained accuracies (None on resume), the first epoch
+    and the batch-order generator."""
+    from ..ml.training import to_device
 
     first, cfg = jobs[0], jobs[0].cfg
     with first.clock("setup"):
         seed_everything(cfg.seed)
         train_d, test_d = to_device(first.train_split, first.ctx), to_device(first.test_split, first.ctx)
         val_d = to_device(first.val_split, first.ctx) if first.val_split is not None else None
-        models, untrained, start_epoch, rng = _models(jobs, width, recorders[0], train_d, test_d, val_d)
+        return (train_d, test_d, val_d, *_models(jobs, width, train_d, test_d, val_d))
+
+
+def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list, ready: tuple,
+                    on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
+    from ..ml.training import fit
+
+    cfg = jobs[0].cfg
+    train_d, test_d, val_d, models, untrained, start_epoch, rng = ready
     if untrained is not None:
         for recorder, accs in zip(recorders, untrained):
             recorder.begin(*accs)
@@ -175,7 +197,7 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
             failed(member, recorder, exc)
 
 
-def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d, test_d, val_d=None):
+def _models(jobs: Sequence[Job], width: int | None, train_d, test_d, val_d=None):
     """What fit trains, the untrained accuracies (None on resume), the first epoch and the batch-order
     generator: a Lone model (restored from its checkpoint on resume), or a Stack of products `width` wide."""
     from ..ml import checkpoint
@@ -206,7 +228,7 @@ def _models(jobs: Sequence[Job], width: int | None, recorder: Recorder, train_d,
     untrained = None
     if start_epoch > 1:
         done_epochs, rng = checkpoint.load(job.resumed.checkpoint, net, trainer)
-        job.log.info("resuming run %s after epoch %d", recorder.run.run_id, done_epochs)
+        job.log.info("resuming run %s after epoch %d", job.resumed.run.info.run_id, done_epochs)
     else:  # scored before Lone hybridizes the net, as every logged run's step 0 was
         untrained = [evaluate(net, train_d, test_d, cfg.trainer.eval_batch_size, val_d)]
     return Lone(net, trainer), untrained, start_epoch, rng

@@ -9,7 +9,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ..errors import HarnessError, TrackingError
 from . import writer
@@ -38,6 +38,25 @@ class RunLog:
         """Start a new run (status RUNNING)."""
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         return cls(client, run.info.run_id)
+
+    @classmethod
+    def open_soon(cls, client, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                  datasets: list) -> Callable[[], "RunLog"]:
+        """Start a new run (RUNNING) with its dataset inputs and its logged model (`open_records`);
+        the returned call gives the RunLog. With a record writer the run is opened while the caller
+        goes on, and the call waits for it; else it is opened now."""
+        if isinstance(client, writer.Deferring):
+            answer = client.ask_soon(open_records, experiment_id, run_name, dict(tags), datasets)
+            return lambda: cls._opened(client, *answer())
+        opened = cls._opened(client, *open_records(client, experiment_id, run_name, dict(tags), datasets))
+        return lambda: opened
+
+    @classmethod
+    def _opened(cls, client, run_id: str, model_id: str) -> "RunLog":
+        run = cls(client, run_id)
+        run.model_id = model_id
+        writer.note_model(client, model_id, run_id)
+        return run
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -98,15 +117,6 @@ class RunLog:
             self.client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
         self._last_step = writer.mark(self.client)
 
-    def later(self, fn, *args) -> None:
-        """fn(*args) (a module-level function, since it may be sent): by the record writer, in order
-        with this run's writes, when the run has one (its failure then fails the run at its next
-        settle); else now."""
-        if isinstance(self.client, writer.Deferring):
-            self.client.call_later(self.run_id, fn, args)
-        else:
-            fn(*args)
-
     def settle_last_step(self) -> None:
         """With a record writer, the previous step's metrics must be written before the next step goes
         (and before the checkpoint that would outlive them): wait for them, raise if they failed."""
@@ -133,36 +143,12 @@ class RunLog:
         log.info("sent the spooled metrics of run %s", self.run_id)
         return True
 
-    def create_model(self, experiment_id: str, name: str = "classifier") -> str:
-        """A logged model (PENDING until finished) linked to this run, as its output; later metrics
-        are linked to it too. Returns its id."""
-        from mlflow.entities import LoggedModelOutput
-
-        model = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id,
-                                                model_type="gluon-pyfunc")
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, 0)])
-        self.model_id = model.model_id
-        return model.model_id
-
     def find_model(self, experiment_id: str) -> str | None:
         """The logged model this run created (when a resumed run goes on), or None."""
         found = self.client.search_logged_models(experiment_ids=[experiment_id],
                                                   filter_string=f"source_run_id = '{self.run_id}'", max_results=1)
         self.model_id = found[0].model_id if found else None
         return self.model_id
-
-    def log_inputs(self, datasets: list) -> None:
-        """Link the datasets to the run. Two jobs that log a new dataset at once can both try to
-        insert it (MLflow checks, then inserts): the loser retries, and then finds it."""
-        from mlflow.exceptions import MlflowException
-
-        for attempt in range(5):
-            try:
-                return self.client.log_inputs(self.run_id, datasets=datasets)
-            except MlflowException as exc:
-                if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
 
     def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -178,6 +164,35 @@ class RunLog:
         if not retry_with_backoff(self.flush, patience):
             raise TrackingError(f"the tracking store is still unreachable: the metrics of run "
                                 f"{self.run_id} stay in {self.spool}")
+
+
+def open_records(client, experiment_id: str, run_name: str, tags: dict[str, str], datasets: list,
+                 model_name: str = "classifier") -> tuple[str, str]:
+    """A new run (status RUNNING) with its tags and dataset inputs, and a logged model (PENDING until
+    finished) linked to it as its output, whose metrics the run then logs: (run id, model id). A
+    record writer runs this in its own process, on its client."""
+    from mlflow.entities import LoggedModelOutput
+
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    _log_inputs(client, run_id, datasets)
+    model = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
+                                       model_type="gluon-pyfunc")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    return run_id, model.model_id
+
+
+def _log_inputs(client, run_id: str, datasets: list) -> None:
+    """Link the datasets to the run. Two jobs that log a new dataset at once can both try to insert
+    it (MLflow checks, then inserts): the loser retries, and then finds it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(5):
+        try:
+            return client.log_inputs(run_id, datasets=datasets)
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @contextlib.contextmanager

@@ -7,11 +7,11 @@ thread, under its GIL. A launching process that trains stacks on a local store s
 order and whose reads wait for what was queued before them, so a run reads its own writes.
 
     writes (log_batch, log_inputs, log_text, log_artifacts, ...)   queued; their errors are kept
-    call_later(run_id, fn, args)                                    a run's own work (its pictures),
-                                                                    queued with its writes
     settle(run_id)                                                  waits for that run's writes and
                                                                     raises the first that failed
     anything else (create_run, get_run, set_terminated, ...)        asked and answered in order
+    ask_soon(fn, ...)                                               fn(client, ...) in the child, its
+                                                                    answer waited for later
 
 A failed write fails only its run: the child skips that run's later writes and the caller learns it
 at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C and SIGTERM, which
@@ -29,7 +29,7 @@ import re
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import TrackingError
 
@@ -90,7 +90,8 @@ class Writer:
                 self._cond.notify_all()
 
     def request(self, key: str | None, method: Any, args: tuple, kwargs: dict) -> int:
-        """Send one call (key: the run a write belongs to, None for a call that is answered)."""
+        """Send one call (key: the run a write belongs to, None for a call that is answered; method:
+        a client method's name, or a module-level function the child calls with its client first)."""
         with self._cond:
             if self.gone:
                 raise WriteFailed(f"{self.gone}: rerun the sweep to continue its runs")
@@ -107,8 +108,11 @@ class Writer:
             if self.done < seq:
                 raise WriteFailed(f"{self.gone} before writing every record: rerun the sweep to continue its runs")
 
-    def ask(self, method: str, args: tuple, kwargs: dict) -> Any:
-        seq = self.request(None, method, args, kwargs)
+    def ask(self, method: Any, args: tuple, kwargs: dict) -> Any:
+        return self.answer(self.request(None, method, args, kwargs))
+
+    def answer(self, seq: int) -> Any:
+        """What asked request seq returned (it raises what the call raised)."""
         self.wait(seq)
         with self._cond:
             ok, value = self.answers.pop(seq)
@@ -166,9 +170,14 @@ class Deferring:
             if hasattr(model, "model_id") and hasattr(model, "source_run_id"):
                 self._model_run[model.model_id] = model.source_run_id
 
-    def call_later(self, run_id: str, method: Any, args: tuple, kwargs: dict | None = None) -> None:
-        """Queue a write of run_id: a client method's name, or a module-level function to call in the
-        child (work of the run's own, in order with its writes). A run whose write failed sends no more."""
+    def ask_soon(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        """Send fn(client, *args) (a module-level function) to the child at once; the returned call
+        waits for its answer (the caller goes on meanwhile)."""
+        seq = self.writer.request(None, fn, args, {})
+        return lambda: self.writer.answer(seq)
+
+    def call_later(self, run_id: str, method: str, args: tuple, kwargs: dict | None = None) -> None:
+        """Queue a write of run_id (a run whose write failed sends no more)."""
         if self.writer.gone:  # nothing takes it now: the run fails at its next settle
             self.writer.failed.setdefault(run_id, self.writer.gone)
         elif run_id not in self.writer.failed:
@@ -206,6 +215,12 @@ def deferring(client: Any) -> Any:
         return client
     writer = _writers.get(client.tracking_uri)
     return Deferring(client, writer) if writer is not None and writer.gone is None else client
+
+
+def note_model(client: Any, model_id: str, run_id: str) -> None:
+    """The logged model model_id is run_id's: its writes' failures are that run's."""
+    if isinstance(client, Deferring):
+        client._model_run[model_id] = run_id
 
 
 def settle(client: Any, run_id: str, upto: int | None = None) -> None:
@@ -254,7 +269,7 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
             answers.send((seq, key, True, None))
             continue
         try:
-            value = method(*args, **kwargs) if callable(method) else getattr(client, method)(*args, **kwargs)
+            value = method(client, *args, **kwargs) if callable(method) else getattr(client, method)(*args, **kwargs)
             answers.send((seq, key, True, None if key is not None else value))
         except Exception as exc:  # noqa: BLE001 - every failure is the caller's to report
             why = f"{getattr(method, '__name__', method)}: {type(exc).__name__}: {_short(one_line(exc))}"
