@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_ctrl_c_kills_the_stack_and_a_relaunch_continues_its_runs_in_place(tmp_path, mnist5k_root):
-    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 8) is stopped mid-run.
-    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=3", "data.batch_size=4000,8", f"data.root={mnist5k_root}"]
+    # Stack 1 (batch 4000, one batch per epoch) finishes at once; stack 2 (batch 8) is stopped mid-run,
+    # its records in the hands of the record writer.
+    args = ["-m", "hydra.launcher.record_writer=true", "optim.lr=0.1,0.5", "trainer.epochs=3", "data.batch_size=4000,8", f"data.root={mnist5k_root}"]
     out = signal_when(start_cli(args, tmp_path), r"job\.3\]\[INFO\] - epoch 2/3", signal.SIGINT)
     assert "Traceback" not in out and "Stopped by SIGINT" in out
     client, jobs, parents = jobs_and_parents(tmp_path)

@@ -13,7 +13,8 @@ from conftest import artifact_paths, history, jobs_and_parents, run_cli, signal_
 
 pytestmark = pytest.mark.slow
 
-CARD = ["-m", "optim.lr=0.05,0.1,0.5", "trainer.epochs=4"]
+# A launch of 8 jobs or fewer writes directly unless told otherwise.
+CARD = ["-m", "hydra.launcher.record_writer=true", "optim.lr=0.05,0.1,0.5", "trainer.epochs=4"]
 
 
 def break_runs_with(db, key: str, value: str, from_step: int) -> None:
@@ -59,7 +60,8 @@ def test_a_store_that_fails_one_runs_writes_fails_that_run_alone(tmp_path, mnist
 
 
 def test_a_writer_killed_mid_sweep_leaves_no_run_running_and_a_relaunch_continues(tmp_path, mnist5k_root):
-    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=6", "data.batch_size=8", f"data.root={mnist5k_root}"]
+    args = ["-m", "hydra.launcher.record_writer=true", "optim.lr=0.1,0.5", "trainer.epochs=6", "data.batch_size=8",
+            f"data.root={mnist5k_root}"]
     proc = start_cli(args, tmp_path)
     killed = []
 

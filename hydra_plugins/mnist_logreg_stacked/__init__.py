@@ -28,6 +28,9 @@ class StackedLauncherConf:
     _target_: str = "hydra_plugins.mnist_logreg_stacked.StackedLauncher"
     # Most jobs trained in one stack; a larger group is split into stacks of this size.
     max_stack: int = 32
+    # Whether runs write their records through a record writer process (null: for a launch of more
+    # than 8 jobs on a local SQLite store, where it saves more than the writer's start costs).
+    record_writer: Optional[bool] = None
 
 
 @dataclass
@@ -51,10 +54,11 @@ ConfigStore.instance().store(group="hydra/launcher", name="stacked_slurm", node=
 class StackedLauncher(Launcher):
     """Jobs that share a batch stream train together as one stack, each with its own MLflow run."""
 
-    def __init__(self, max_stack: int = 32) -> None:
-        from mnist_logreg.sweep.launcher import check_max_stack
+    def __init__(self, max_stack: int = 32, record_writer: Optional[bool] = None) -> None:
+        from mnist_logreg.sweep.launcher import check_max_stack, check_record_writer
 
         self.max_stack = check_max_stack(max_stack)
+        self.record_writer = check_record_writer(record_writer)
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None

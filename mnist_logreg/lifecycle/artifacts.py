@@ -63,7 +63,7 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None,
             log_model(run.client, run.run_id, run.model_id, art / "model", test.x[:5].asnumpy(),
                       work_dir / MODEL_STAGING)
     except OSError as exc:
-        _remove_uploaded(run, art)
+        remove_uploaded(run, art)
         raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
                             "free space where outputs/ and the experiment's artifacts live, then rerun "
                             "the job") from exc
@@ -72,7 +72,7 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None,
 MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is written
 
 
-def _remove_uploaded(run: RunLog, staged: Path) -> None:
+def remove_uploaded(run: RunLog, staged: Path) -> None:
     """Delete from a local artifact store the files of `staged` that an interrupted upload wrote."""
     from urllib.parse import unquote, urlparse
 

@@ -28,7 +28,7 @@ from ..tracking.runlog import RunLog
 from ..tracking.writer import WriteFailed, deferring
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
-from .artifacts import MODEL_STAGING
+from .artifacts import MODEL_STAGING, remove_uploaded
 from .lease import Heartbeat, holder_tags
 from .parent import mark_interrupted
 from .prepare import SERVER_PATIENCE_S, Job
@@ -226,7 +226,11 @@ class Recorder:
         """Once everything the run sent is written, it is complete: it then ends FINISHED (its result
         says PRUNED if pruned). A write that failed raises here, and the run ends FAILED."""
         with self.job.clock("artifacts"), self.signals.deferred():
-            self.run.settle()
+            try:
+                self.run.settle()
+            except WriteFailed:  # e.g. a full disk under the writer's upload: no half of it stays
+                remove_uploaded(self.run, self.work_dir / "artifacts")
+                raise
         self.status = "FINISHED"
         self.result.update(self.history[-1].as_metrics(),
                            status="PRUNED" if "pruned" in self.result else self.status, epochs=len(self.history))

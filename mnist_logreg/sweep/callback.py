@@ -219,10 +219,6 @@ class SweepTracking(Callback):
             client, config.tracking.experiment, OmegaConf.select(config, "tracking.artifact_location")
         )
         share_cores(config)
-        if str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith(".StackedLauncher"):
-            from .launcher import start_record_writer
-
-            start_record_writer(uri)  # now, so that it has imported MLflow by the first stack (the store is laid)
         if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_") or "").lower():
             from .stopping import shield_submitit_controllers
 
