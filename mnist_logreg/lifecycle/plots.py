@@ -9,6 +9,7 @@ colours matplotlib interpolates) for the counts.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +55,26 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np
 
 
 def _text(draw, xy, text: str, size: int, fill=_BLACK, anchor: str = "mm") -> None:
-    draw.multiline_text(xy, text, font=_font(size), fill=fill, anchor=anchor, align="center", spacing=2)
+    """Text anchored at xy (integers), drawn from its rendered mask: a sweep's runs draw the same
+    labels and counts again and again, and Pillow lays each one out anew (a confusion matrix is
+    120 of them)."""
+    mask, (left, top) = _text_mask(text, size, anchor)
+    draw.bitmap((xy[0] + left, xy[1] + top), mask, fill=fill)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_mask(text: str, size: int, anchor: str):
+    """The text's coverage (an "L" image) and where its top left lies from the anchor point."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    box = probe.multiline_textbbox((0, 0), text, font=font, anchor=anchor, align="center", spacing=2)
+    left, top, right, bottom = math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).multiline_text((-left, -top), text, font=font, fill=255, anchor=anchor, align="center",
+                                        spacing=2)
+    return mask, (left, top)
 
 
 def _rotated(image, text: str, size: int, angle: float, xy: tuple[int, int], anchor: str) -> None:

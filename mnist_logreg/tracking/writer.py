@@ -40,7 +40,8 @@ WRITES = frozenset({"log_batch", "log_inputs", "log_outputs", "log_text", "log_a
                     "set_tag", "update_run", "log_model_artifacts", "finalize_logged_model"})
 # Those that name a logged model first, not a run: their errors belong to the model's run.
 MODEL_WRITES = frozenset({"log_model_artifacts", "finalize_logged_model"})
-CLOSE_WAIT_S = 60.0  # at exit, how long the child may take to write what it still holds
+CLOSE_WAIT_S = 60.0
+PIPE_BYTES = 1 << 20  # Linux's default most for a pipe (/proc/sys/fs/pipe-max-size)  # at exit, how long the child may take to write what it still holds
 
 
 class WriteFailed(TrackingError):
@@ -57,6 +58,12 @@ class Writer:
         self.uri = uri
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        try:  # room for a stack's requests (a new run's is some 10 kB), so that sending one never waits
+            import fcntl
+
+            fcntl.fcntl(to_child_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (ImportError, AttributeError, OSError):  # not Linux, or above the system's pipe-max-size
+            pass
         self.proc = subprocess.Popen([sys.executable, "-m", __name__, uri, str(to_child_r), str(from_child_w)],
                                      pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
         os.close(to_child_r)
