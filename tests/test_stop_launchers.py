@@ -15,8 +15,9 @@ from conftest import ROOT, artifact_paths, history, jobs_and_parents
 
 pytestmark = pytest.mark.slow
 
-LAUNCHERS = {"stacked": [], "basic": ["hydra/launcher=basic"], "local": ["hydra/launcher=local"],
-             "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+# The stacked launch hands its records to the record writer (a launch this small would not by default).
+LAUNCHERS = {"stacked": ["hydra.launcher.record_writer=true"], "basic": ["hydra/launcher=basic"],
+             "local": ["hydra/launcher=local"], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
 
 
 def _group_alive(pgid: int) -> list[int]:
