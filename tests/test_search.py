@@ -81,6 +81,15 @@ def test_a_storage_that_cannot_hold_the_study_is_one_line_exit_2_and_leaves_noth
     assert jobs == [] and parents == []
 
 
+def test_a_trial_refused_as_bad_input_stops_the_search_with_its_one_line(tmp_path):
+    proc = run_cli(["-m", "experiments=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                    f"data.root={tmp_path}/no/such/folder"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
+    assert "Error: data.root=" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no trial finished" not in proc.stdout + proc.stderr  # not a search that merely found nothing
+    assert [t.state.name for t in _study(tmp_path).trials] == ["FAIL", "FAIL"]  # its first batch, told; no more
+
+
 def test_a_pruner_stops_hopeless_trials_in_their_stack_and_the_survivors_stay_bit_identical(tmp_path, mnist5k_root):
     from mnist_logreg import reproduce
 

@@ -238,7 +238,10 @@ class Search:
             finally:
                 set_epoch_judge(None)
             job_idx += len(overrides)
+            failed = None  # the first job that raised (bad input, a store that fails): the search stops there
             for (number, _), ret in zip(numbered, batch_returns):
+                if ret.status == JobStatus.FAILED and failed is None:
+                    failed = ret
                 result = ret._return_value if ret.status == JobStatus.COMPLETED else None
                 value = _objective(result)
                 run_id = getattr(result, "run_id", None)
@@ -251,6 +254,8 @@ class Search:
                 else:
                     study.tell(number, value)
             returns.append(batch_returns)
+            if failed is not None:  # as Hydra's sweepers do: its error, in one line, once its batch is told
+                failed.return_value
         self._say_best(study)
         return returns
 
