@@ -36,6 +36,13 @@ def test_trials_stack_the_best_is_the_tables_first_row_and_is_registered(tmp_pat
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
     assert "compare/search.png" in logged and "compare/heatmap.png" not in logged
     assert {r.data.tags["search.log"] for r in jobs} == {"optim.lr,model.sigma"}  # the scatter's log axes
+    # The one-seed hint retrains the best points over 5 seeds: a sweep of seeds, not the search again,
+    # with the preset's values (its val_size overridden on the command line) and not its sweeper.
+    hint = proc.stdout.split("one seed per config")[1].splitlines()[1]
+    assert "experiments=" not in hint and "data.val_size=1000" in hint and "5000" not in hint, hint
+    seeds = run_cli(hint.split()[2:], cwd=tmp_path)
+    assert seeds.returncode == 0, seeds.stderr[-2000:]
+    assert "Launching 5 jobs" in seeds.stdout and "study " not in seeds.stdout, seeds.stdout[-2000:]
 
 
 def test_a_study_stopped_after_its_first_batch_continues_to_n_trials_and_no_trial_trains_twice(tmp_path,

@@ -214,25 +214,36 @@ def seeds_command(table: pd.DataFrame, overrides: list[str], top: int = 3, seeds
     kept = [o for o in overrides if override_key(o) not in axes and "," not in o and "(" not in o
             and not is_under(override_key(o), ("search", "seed", "force", "resume"))
             and not override_key(o).startswith("hydra")]
-    kept = [o for o in kept if override_key(o) != "experiments" or not _only_sweeps(o.split("=", 1)[1])]
+    typed = {override_key(o) for o in kept}  # a value the command line sets wins over its preset's
+    kept = [part for o in kept for part in
+            ([v for v in _as_values(o.split("=", 1)[1]) if override_key(v) not in typed]
+             if override_key(o) == "experiments" else [o])]
     finished = table[table["status"] == "FINISHED"].head(top)
     return [" ".join(["python run.py -m", *kept, *(f"{a}={row[a]}" for a in axes),
                       f"seed={','.join(map(str, range(1, seeds + 1)))}"]) for _, row in finished.iterrows()]
 
 
-def _only_sweeps(preset: str) -> bool:
-    """Whether experiments/<preset>.yaml sets only the sweep (hydra's keys): re-running single points
-    leaves it out."""
+def _as_values(preset: str) -> list[str]:
+    """What re-running single points of a sweep made with experiments/<preset>.yaml keeps of it:
+    the preset itself (`experiments=NAME`), or, when it also sets the sweep or the sweeper (keeping
+    it would start that sweep or search again), only the config values it sets, as overrides
+    (`data.val_size=5000`); nothing for a preset of the sweep alone. A preset that picks another
+    config group is kept whole."""
     import yaml
 
+    from ..config import flatten
     from ..project import PROJECT_ROOT
 
     path = PROJECT_ROOT / "experiments" / f"{preset}.yaml"
     try:
-        keys = set(yaml.safe_load(path.read_text()) or {})
+        content = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return False
-    return keys <= {"hydra", "defaults"}
+        return [f"experiments={preset}"]
+    defaults = [d for d in content.get("defaults") or [] if "hydra/" not in str(d)]  # a config group it picks
+    if defaults or not {"hydra", "defaults"} & set(content):
+        return [f"experiments={preset}"]
+    values = {k: v for k, v in content.items() if k not in ("hydra", "defaults")}
+    return [f"{key}={value}" for key, value in flatten(values).items()]
 
 
 def format_table(table: pd.DataFrame) -> str:
