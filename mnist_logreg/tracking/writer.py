@@ -266,6 +266,9 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
     requests, answers = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     client = MlflowClient(uri)
     client.search_experiments(max_results=1)  # the store's engine and schema check, before the first request
+    import gc
+
+    gc.freeze()  # MLflow's and SQLAlchemy's modules stay for good: no full collection rescans them
     failed: set[str] = set()
     while True:
         try:
