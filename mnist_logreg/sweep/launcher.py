@@ -174,7 +174,8 @@ def start_record_writer(uri: str | None) -> None:
     from ..tracking.store import sqlite_path
     from ..tracking.writer import start
 
-    if isinstance(uri, str) and sqlite_path(uri) is not None:  # None: another app's config
+    db = sqlite_path(uri) if isinstance(uri, str) else None  # None: another app's config, or a server
+    if db is not None and db.is_absolute():  # a relative path would name another file after a job's chdir
         start(uri)
 
 
