@@ -14,10 +14,10 @@ order and whose reads wait for what was queued before them, so a run reads its o
                                                                     answer waited for later
 
 A failed write fails only its run: the child skips that run's later writes and the caller learns it
-at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C and SIGTERM, which
-reach it with its parent: it finishes what was queued, so a stopping run still ends with everything
-it logged. It leaves when its parent closes the pipe (at exit, or when the parent dies), having
-written what it was sent.
+at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C, SIGTERM and Slurm's
+signals, which reach it with its parent: it finishes what was queued, so a stopping run still ends
+with everything it logged. It leaves when its parent closes the pipe (at exit, or when the parent
+dies), having written what it was sent.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ WRITES = frozenset({"log_batch", "log_inputs", "log_outputs", "log_text", "log_a
                     "set_tag", "update_run", "log_model_artifacts", "finalize_logged_model"})
 # Those that name a logged model first, not a run: their errors belong to the model's run.
 MODEL_WRITES = frozenset({"log_model_artifacts", "finalize_logged_model"})
-CLOSE_WAIT_S = 60.0
-PIPE_BYTES = 1 << 20  # Linux's default most for a pipe (/proc/sys/fs/pipe-max-size)  # at exit, how long the child may take to write what it still holds
+CLOSE_WAIT_S = 60.0  # at exit, how long the child may take to write what it still holds
+PIPE_BYTES = 1 << 20  # Linux's default most for a pipe (/proc/sys/fs/pipe-max-size)
 
 
 class WriteFailed(TrackingError):
