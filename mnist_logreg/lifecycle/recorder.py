@@ -25,10 +25,10 @@ from ..ml import checkpoint
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
 from ..tracking.runlog import RunLog
-from ..tracking.writer import WriteFailed, deferring
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
-from .artifacts import MODEL_STAGING, remove_uploaded
+from ..tracking.writer import WriteFailed, deferring
+from .artifacts import MODEL_STAGING, log_artifacts, remove_uploaded
 from .lease import Heartbeat, holder_tags
 from .parent import mark_interrupted
 from .prepare import SERVER_PATIENCE_S, Job
@@ -214,7 +214,6 @@ class Recorder:
         """Weights hash and artifacts, sent (a record writer writes them while the caller goes on);
         finished() then confirms them."""
         from ..ml.model import params_hash
-        from .artifacts import log_artifacts
 
         with self.job.clock("artifacts"), self.signals.deferred():
             self.run.drain(self.patience)
