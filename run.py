@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     # Full collections rescan every object the imports made (MLflow's, Hydra's, MXNet's): 0.1 to 0.5 s
-    # each here. A tenth as many of them; a sweep's launcher also freezes what it holds (sweep.launcher).
+    # each here. A tenth as many of them (the record writer, a process of its own, freezes its imports).
     gc.set_threshold(gc.get_threshold()[0], gc.get_threshold()[1], 100)
     install_hydra_error_handler(in_our_words)  # bad input: one line on stderr and exit status 2
     with exit_on_interrupt():  # Ctrl-C / SIGTERM: runs end KILLED, then one line and status 130 / 143; no teardown

@@ -190,10 +190,13 @@ def card(tmp_path_factory, mnist5k_root) -> dict[str, Path]:
     """Real sweeps shared by the tests that read them (and add to them):
     - basic: the card's sweep through hydra/launcher=basic, one job after another;
     - stacked: through the default (stacked) launcher, the card's 3 lrs plus a diverging one
-      (1e38), at batch sizes 96 and 500: 8 jobs in two stacks."""
+      (1e38), at batch sizes 96 and 500: 8 jobs in two stacks, their records written by the record
+      writer (a launch this small would write directly by default), so that every test of these
+      runs' numbers and records covers it."""
     folders = {}
     runs = (("basic", ["-m", *CARD, "hydra/launcher=basic"]),
-            ("stacked", ["-m", "optim.lr=0.05,0.1,0.5,1e38", "trainer.epochs=3", "data.batch_size=96,500"]))
+            ("stacked", ["-m", "hydra.launcher.record_writer=true", "optim.lr=0.05,0.1,0.5,1e38", "trainer.epochs=3",
+                         "data.batch_size=96,500"]))
     for name, args in runs:
         folder = tmp_path_factory.mktemp(f"card_{name}")
         proc = run_cli([*args, f"data.root={mnist5k_root}"], cwd=folder)

@@ -37,6 +37,9 @@ def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
     return out
 
 
+MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is written
+
+
 def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None, work_dir: Path) -> None:
     """Model, plots, frozen requirements, git diff and Hydra's files: staged in work_dir/artifacts,
     then uploaded in one call, and the same export as the run's logged model (staged in
@@ -67,9 +70,6 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None,
         raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
                             "free space where outputs/ and the experiment's artifacts live, then rerun "
                             "the job") from exc
-
-
-MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is written
 
 
 def remove_uploaded(run: RunLog, staged: Path) -> None:

@@ -225,15 +225,15 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
+    quiet = len(job_overrides) > CONSOLE_JOBS  # at scale: a line per stack and epoch, and a record writer
     wanted = getattr(launcher, "record_writer", None)  # null: at scale (the Slurm launcher's tasks too)
-    if wanted or (wanted is None and len(job_overrides) > CONSOLE_JOBS):
+    if wanted or (wanted is None and quiet):
         start_record_writer(OmegaConf.select(launcher.config, "tracking.uri"))
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     log.info("Launching %d jobs, those that share a batch stream stacked (up to %d per stack)", len(job_overrides),
              launcher.max_stack)
-    quiet = len(job_overrides) > CONSOLE_JOBS
     if quiet:
         log.info("\tjobs %s: each job's overrides and lines are in its folder, %s/<N>/ (.hydra/overrides.yaml, "
                  "%s.log); here, a line per stack and epoch", job_numbers(
