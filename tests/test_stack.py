@@ -5,12 +5,13 @@ import itertools
 import json
 
 import mxnet as mx
+import numpy as np
 import pytest
 
 from mnist_logreg.ml import probe
 from mnist_logreg.ml.model import build_net, params_hash
 from mnist_logreg.ml.stack import MemberSpec, Stack, StackedScores
-from mnist_logreg.ml.training import Lone, fit, make_trainer
+from mnist_logreg.ml.training import Lone, fit, make_trainer, predicted_labels
 
 SEED = 7
 # 4,000 training digits: 96 does not divide them, so every epoch ends on a short batch of 64.
@@ -20,14 +21,15 @@ SHAPES = probe.run_shapes(4000, 1000, BATCH, CHUNK)
 
 
 def alone(spec, splits, epochs, batch_size=BATCH):
-    """The reference: one model through fit with gluon.Trainer (Lone), as a lone job trains it."""
+    """The reference: one model through fit with gluon.Trainer (Lone), as a lone job trains it: its
+    history, failure, weights' hash and test-set labels (what its pictures show)."""
     train, test = splits
     net = build_net(10, spec.sigma, mx.cpu(), SEED)
     trainer = make_trainer(net, spec.lr, spec.momentum, spec.wd)
     [member] = fit(Lone(net, trainer), train, test, epochs=epochs, batch_size=batch_size, seed=SEED, eval_chunk=CHUNK)
     if member.failed is not None:
-        return None, member.failed, None
-    return member.history, None, params_hash(net)
+        return None, member.failed, None, None
+    return member.history, None, params_hash(net), predicted_labels(net, test, CHUNK)
 
 
 def stacked(specs, splits, epochs, batch_size=BATCH, width=None, stack_class=Stack):
@@ -42,14 +44,17 @@ def stacked(specs, splits, epochs, batch_size=BATCH, width=None, stack_class=Sta
 
 
 def differences(specs, splits, epochs=2, batch_size=BATCH, **how) -> list:
-    """The members whose failure, metrics at any step (timings aside) or weights differ from their lone fit."""
+    """The members whose failure, metrics at any step (timings aside), weights or test-set labels
+    (the stack's one pass for every member's pictures) differ from their lone fit."""
     stack, failures = stacked(specs, splits, epochs, batch_size, **how)
+    labels = stack.predictions(splits[1], CHUNK, [m.index for m in stack.members if m.failed is None])
     differ = []
     for member, spec in zip(stack.members, specs):
-        history, failure, weights = alone(spec, splits, epochs, batch_size)
+        history, failure, weights, predicted = alone(spec, splits, epochs, batch_size)
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in member.history]
         expect = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history or []]
-        if failures.get(member.index) != failure or got != expect or (failure is None and params_hash(member.net) != weights):
+        if failures.get(member.index) != failure or got != expect or (failure is None and (
+                params_hash(member.net) != weights or not np.array_equal(labels[member.index], predicted))):
             differ.append(spec)
     return differ
 
@@ -189,7 +194,7 @@ def test_a_stacked_members_checkpoint_resumes_alone_bit_identical(digit_splits, 
         [alone_member] = fit(Lone(net, trainer), train, test, epochs=3, batch_size=BATCH, seed=SEED,
                              eval_chunk=CHUNK, start_epoch=done + 1, rng=restored)
         rest = alone_member.history
-        history, _, weights = alone(spec, digit_splits, 3)
+        history, _, weights, _ = alone(spec, digit_splits, 3)
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in member.history + rest]
         assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
         assert params_hash(net) == weights, spec
@@ -218,7 +223,7 @@ def test_a_stack_restored_from_its_members_checkpoints_goes_on_bit_identical(dig
     again = Stack(specs, 10, mx.cpu(), SEED, width=3, restore=restore)
     fit(again, train, test, epochs=3, batch_size=BATCH, seed=SEED, eval_chunk=CHUNK, start_epoch=2, rng=states[0])
     for member, earlier, spec in zip(again.members, first.members, specs):
-        history, _, weights = alone(spec, digit_splits, 3)
+        history, _, weights, _ = alone(spec, digit_splits, 3)
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in earlier.history + member.history]
         assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
         assert params_hash(member.net) == weights, spec

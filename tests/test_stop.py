@@ -41,6 +41,36 @@ def test_ctrl_c_kills_the_stack_and_a_relaunch_continues_its_runs_in_place(tmp_p
     assert killed <= {r.info.run_id for r in jobs}
 
 
+def test_a_stop_while_the_stack_before_is_still_being_recorded_finishes_that_stack_whole(tmp_path, mnist5k_root):
+    # Stack 1's pictures, uploads, logged models and ends are the record writer's while stack 2 sets
+    # up and trains: Ctrl-C then (stack 2's first epoch is 2,500 batches) stops stack 2 alone.
+    args = ["-m", "hydra.launcher.record_writer=true", "hydra.launcher.max_stack=2", "optim.lr=0.05,0.1,0.5,1.0",
+            "trainer.epochs=2", "data.batch_size=2", f"data.root={mnist5k_root}"]
+    proc = start_cli(args, tmp_path)
+    out = signal_when(proc, r"job\.2\]\[INFO\] - MLflow run", signal.SIGINT)
+    assert "Traceback" not in out and "Stopped by SIGINT" in out, out[-3000:]
+    client, jobs, parents = jobs_and_parents(tmp_path)
+    stacks = sorted((r.data.tags["stack.group"][-1], r.info.status) for r in jobs)  # stack 2 had no epoch yet
+    assert stacks == [("1", "FINISHED"), ("1", "FINISHED"), ("2", "KILLED"), ("2", "KILLED")], stacks
+    for run in jobs:
+        if run.info.status == "FINISHED":  # whole: every epoch, its files, its logged model and its hash
+            assert [s for s, _ in history(client, run.info.run_id, "test_acc")] == [0, 1, 2]
+            assert {"model/model-0000.params", "predictions.png", "confusion_matrix.png",
+                    "environment/requirements.txt"} <= set(artifact_paths(client, run.info.run_id))
+            assert run.data.tags["params.sha256"] and "timing.train_s" in run.data.tags
+            models = client.search_logged_models([run.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{run.info.run_id}'")
+            assert [m.status for m in models] == ["READY"]
+    assert parents[0].info.status == "KILLED"
+    assert not [p for p in descendants(proc.pid) if _alive(p)]
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped: run") == 2
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    assert len(jobs) == 4 and all(r.info.status == "FINISHED" for r in jobs)
+
+
 JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=0.1,0.5", "trainer.epochs=300"]
 def test_a_worker_killed_with_sigkill_leaves_no_run_running(tmp_path, mnist5k_root):
     proc = start_cli([*JOBLIB, f"data.root={mnist5k_root}"], tmp_path)

@@ -1,7 +1,12 @@
-"""A finished run's files: the exported model, two plots, the environment and Hydra's record."""
+"""A finished run's files: the exported model, two plots, the environment and Hydra's record.
+
+The training process exports the weights and scores the test set (it holds the model); everything
+else (the pictures, the environment files, the uploads and the logged model) is `write_files`,
+which a record writer runs in its own process while the next stack trains."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,74 +14,100 @@ from omegaconf import DictConfig
 
 from ..config import redact
 from ..errors import TrackingError
+from ..ml.data import Split, pixels
+from ..tracking import writer
 from ..tracking.runlog import RunLog
-
-
-def _write_artifacts(cfg: DictConfig, net, test, out: Path, names) -> Path:
-    """Exported model, sample predictions and confusion matrix, under out/."""
-    from mxnet import nd
-
-    from .plots import confusion_matrix, plot_confusion, plot_predictions
-
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    model_dir.mkdir(exist_ok=True)
-    net.export(str(model_dir / "model"), epoch=0)  # model-symbol.json + model-0000.params
-
-    preds = np.concatenate([
-        nd.argmax(net(test.x[i : i + cfg.trainer.eval_batch_size]), axis=1).asnumpy()
-        for i in range(0, len(test), cfg.trainer.eval_batch_size)
-    ])
-    true = test.y.asnumpy()
-    pick = np.random.default_rng(cfg.seed).choice(len(true), size=min(10, len(true)), replace=False)
-    plot_predictions(test.x[nd.array(pick, dtype=np.int64, ctx=test.x.context)].asnumpy(),
-                     true[pick], preds[pick], out / "predictions.png", names)
-    counts = confusion_matrix(true, preds, cfg.model.num_outputs)
-    plot_confusion(counts, out / "confusion_matrix.png", names,
-                   title=f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}")
-    return out
-
+from .plots import confusion_matrix
 
 MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is written
 
 
-def log_artifacts(run: RunLog, cfg: DictConfig, net, test, out_dir: Path | None, work_dir: Path) -> None:
+@dataclass
+class RunFiles:
+    """What write_files needs of a run, small enough to send to a record writer (some 10 kB)."""
+
+    run_id: str
+    model_id: str | None
+    art: Path  # the run's staged artifacts (the export already in art/model)
+    staging: Path  # where its logged model is staged
+    hydra_dir: Path | None  # the job's .hydra folder, copied with passwords hidden
+    shown: np.ndarray  # the pictured test images, uint8 (N, 784)
+    shown_true: np.ndarray
+    shown_pred: np.ndarray
+    counts: np.ndarray  # the test set's confusion matrix
+    names: list[str] | None
+    title: str
+    example: np.ndarray  # the logged model's input example: the first test images, uint8
+
+
+def log_artifacts(run: RunLog, cfg: DictConfig, net, test, test_split: Split, out_dir: Path | None, work_dir: Path,
+                  predicted: np.ndarray | None = None) -> None:
     """Model, plots, frozen requirements, git diff and Hydra's files: staged in work_dir/artifacts,
     then uploaded in one call, and the same export as the run's logged model (staged in
-    work_dir/MODEL_STAGING). With a record writer the uploads are queued, so the staged files stay
-    until the run has ended. When the disk fills up (or any write fails), the files already copied
-    are removed again, so no half-written artifact is left looking complete."""
-    from ..tracking.fingerprint import frozen_requirements, git_diff
+    work_dir/MODEL_STAGING). Here the net is exported and scored on the test set (`test`, on its
+    device; predicted: its labels, when the caller has them); the rest is write_files, queued to the
+    record writer when there is one, which fails the run if it cannot be written."""
+    from ..ml.training import predicted_labels
 
     art = work_dir / "artifacts"
     try:
-        _write_artifacts(cfg, net, test, art, list(cfg.data.get("classes") or []) or None)
+        (art / "model").mkdir(parents=True, exist_ok=True)
+        net.export(str(art / "model" / "model"), epoch=0)  # model-symbol.json + model-0000.params
+    except OSError as exc:
+        raise _no_room(run.run_id, exc) from exc
+    preds = predicted if predicted is not None else predicted_labels(net, test, cfg.trainer.eval_batch_size)
+    true = test_split.labels.astype(np.int64)
+    pick = np.random.default_rng(cfg.seed).choice(len(true), size=min(10, len(true)), replace=False)
+    counts = confusion_matrix(true, preds, cfg.model.num_outputs)
+    files = RunFiles(run.run_id, run.model_id, art, work_dir / MODEL_STAGING,
+                     out_dir / ".hydra" if out_dir is not None and (out_dir / ".hydra").is_dir() else None,
+                     test_split.images[pick], true[pick], preds[pick], counts,
+                     list(cfg.data.get("classes") or []) or None,
+                     f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}",
+                     test_split.images[:5])
+    writer.write(run.client, run.run_id, write_files, files)
+
+
+def write_files(client, run_id: str, files: RunFiles) -> None:
+    """Everything a run's files need besides its weights, and their upload: the pictures, the
+    environment, Hydra's record, the artifacts in one call and the logged model (marked READY).
+    When the disk fills up (or any write fails), the files already copied are removed again, so
+    no half-written artifact is left looking complete."""
+    from ..tracking.fingerprint import frozen_requirements, git_diff
+    from .plots import plot_confusion, plot_predictions
+
+    art = files.art
+    try:
+        plot_predictions(pixels(files.shown), files.shown_true, files.shown_pred, art / "predictions.png", files.names)
+        plot_confusion(files.counts, art / "confusion_matrix.png", files.names, title=files.title)
         (art / "environment").mkdir(exist_ok=True)
         (art / "environment" / "requirements.txt").write_text(frozen_requirements())
         if git_diff():
             (art / "environment" / "git.diff").write_text(git_diff())
-        if out_dir is not None and (out_dir / ".hydra").is_dir():
+        if files.hydra_dir is not None:
             (art / "hydra").mkdir(exist_ok=True)
-            for f in (out_dir / ".hydra").iterdir():  # Hydra's record, passwords hidden
+            for f in files.hydra_dir.iterdir():  # Hydra's record, passwords hidden
                 (art / "hydra" / f.name).write_text(redact(f.read_text()))
-        run.log_artifacts(art)
-        if run.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
+        client.log_artifacts(run_id, str(art))
+        if files.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
             from ..tracking.pyfunc import log_model
 
-            log_model(run.client, run.run_id, run.model_id, art / "model", test.x[:5].asnumpy(),
-                      work_dir / MODEL_STAGING)
+            log_model(client, run_id, files.model_id, art / "model", pixels(files.example), files.staging)
     except OSError as exc:
-        remove_uploaded(run, art)
-        raise TrackingError(f"could not store the artifacts of run {run.run_id} ({exc.strerror or exc}): "
-                            "free space where outputs/ and the experiment's artifacts live, then rerun "
-                            "the job") from exc
+        remove_uploaded(client, run_id, art)
+        raise _no_room(run_id, exc) from exc
 
 
-def remove_uploaded(run: RunLog, staged: Path) -> None:
+def _no_room(run_id: str, exc: OSError) -> TrackingError:
+    return TrackingError(f"could not store the artifacts of run {run_id} ({exc.strerror or exc}): free space "
+                         "where outputs/ and the experiment's artifacts live, then rerun the job")
+
+
+def remove_uploaded(client, run_id: str, staged: Path) -> None:
     """Delete from a local artifact store the files of `staged` that an interrupted upload wrote."""
     from urllib.parse import unquote, urlparse
 
-    uri = run.client.get_run(run.run_id).info.artifact_uri
+    uri = client.get_run(run_id).info.artifact_uri
     if not uri.startswith("file:"):
         return
     dest = Path(unquote(urlparse(uri).path))

@@ -123,6 +123,8 @@ class Recorder:
         self.status = "FAILED"
         self.reported = False  # whether this run's failure was already told, in its own line
         self.result: dict[str, Any] = {"run_id": run.run_id}
+        self.sent = False  # whether finish() sent the run's last records
+        self.ended = False  # whether a record writer was sent this run's end (FINISHED) after its last record
         self.log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
 
     @contextlib.contextmanager
@@ -210,16 +212,22 @@ class Recorder:
         self.log.info("run %s pruned after epoch %d: %s", self.run.run_id, epoch, reason)
         self.result["pruned"] = epoch
 
-    def finish(self, net, test, history) -> None:
-        """Weights hash and artifacts, sent (a record writer writes them while the caller goes on);
+    def finish(self, net, test, history, predicted=None) -> None:
+        """Weights hash and artifacts, sent (test: the test split on the device; predicted: the net's
+        labels for it, when known). With a record writer, the run's end is sent after them: it
+        ends FINISHED once they are written, unless one failed, while the caller goes on;
         finished() then confirms them."""
         from ..ml.model import params_hash
 
-        with self.job.clock("artifacts"), self.signals.deferred():
-            self.run.drain(self.patience)
-            self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
-            log_artifacts(self.run, self.job.cfg, net, test, self.job.out_dir, self.work_dir)
-        self.history = history
+        with self.signals.deferred():  # a signal meanwhile takes effect once all of it is sent
+            with self.job.clock("artifacts"):
+                self.run.drain(self.patience)
+                self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
+                log_artifacts(self.run, self.job.cfg, net, test, self.job.test_split, self.job.out_dir,
+                              self.work_dir, predicted)
+            self.ended = self.run.end_soon("FINISHED", {**self.job.clock.tags(), **self.closing_tags})
+            self.history = history
+            self.sent = True
 
     def finished(self) -> dict[str, Any]:
         """Once everything the run sent is written, it is complete: it then ends FINISHED (its result
@@ -228,7 +236,7 @@ class Recorder:
             try:
                 self.run.settle()
             except WriteFailed:  # e.g. a full disk under the writer's upload: no half of it stays
-                remove_uploaded(self.run, self.work_dir / "artifacts")
+                remove_uploaded(self.run.client, self.run.run_id, self.work_dir / "artifacts")
                 raise
         self.status = "FINISHED"
         self.result.update(self.history[-1].as_metrics(),
@@ -237,30 +245,36 @@ class Recorder:
 
     def close(self) -> None:
         """Timing tags, the checkpoint of an unfinished run, and the run's end (a signal meanwhile
-        takes effect once the run has ended). A write the record writer could not make ends the run
+        takes effect once the run has ended); a finished run whose end a record writer wrote after
+        its last record has ended already. A write the record writer could not make ends the run
         FAILED with one line; its stack's other runs are not affected."""
         with self.signals.deferred():
             try:
-                try:
-                    self.run.set_tags({**self.job.clock.tags(), **self.closing_tags})
-                    latest = checkpoint.latest(self.ckpt_dir)
-                    if self.status != "FINISHED" and latest is not None:
-                        self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
-                    if self.status != "FINISHED" and self.run.model_id is not None:
-                        self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
-                    self.run.settle()  # what a record writer still held of this run
-                except Exception as exc:
-                    if self.status == "FINISHED":  # a finished run without its weights' hash is not one
-                        self.status = "FAILED"
-                        self.result["status"] = self.status
-                    if not isinstance(exc, WriteFailed):
-                        raise
-                    if not self.reported:
-                        self.log.error("run %s: %s", self.run.run_id, exc)
+                if not (self.status == "FINISHED" and self.ended):
+                    self._end()
             finally:
-                self.run.end(self.status, self.patience)
                 shutil.rmtree(self.work_dir if self.job.out_dir is None else self.work_dir / MODEL_STAGING,
                               ignore_errors=True)
             self.result.setdefault("status", self.status)
             self.log.info("MLflow run %s ended %s: %s", self.run.run_id, self.status,
                           run_url(self.job.cfg.tracking.uri, self.job.experiment_id, self.run.run_id))
+
+    def _end(self) -> None:
+        try:
+            self.run.set_tags({**self.job.clock.tags(), **self.closing_tags})
+            latest = checkpoint.latest(self.ckpt_dir)
+            if self.status != "FINISHED" and latest is not None:
+                self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+            if self.status != "FINISHED" and self.run.model_id is not None:
+                self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
+            self.run.settle()  # what a record writer still held of this run
+        except Exception as exc:
+            if self.status == "FINISHED":  # a finished run without its weights' hash is not one
+                self.status = "FAILED"
+                self.result["status"] = self.status
+            if not isinstance(exc, WriteFailed):
+                raise
+            if not self.reported:
+                self.log.error("run %s: %s", self.run.run_id, exc)
+        finally:
+            self.run.end(self.status, self.patience)

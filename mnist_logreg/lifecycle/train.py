@@ -79,44 +79,155 @@ def train_jobs(jobs: Sequence[Job], group: str | None = None, extra_tags: dict[s
     {job index: its EpochMetrics}) hears of the jobs still going. Returns each job's result, or the
     exception that ended its run (a lone job raises it instead). Ctrl-C or SIGTERM ends every run
     KILLED and is re-raised."""
-    if group is None and len(jobs) != 1:
-        raise ValueError("train_jobs trains one job alone, or a named group as a stack")
-    if group is not None and len({stack_key(j) for j in jobs}) != 1:
-        raise ValueError("a stack needs jobs with one stack_key")
-    results: list[dict[str, Any] | Exception | None] = [None] * len(jobs)
-    signals = JobSignals()
-    tags = dict(extra_tags or {})
-    width = None
-    if group is not None:
-        width = stack_width(jobs)
-        tags.update({"stack.group": group, "stack.size": str(len(jobs)), "stack.width": str(width.width)})
-        if on_stack is not None:
-            on_stack(width.describe())
+    training = Training(jobs, group, extra_tags, run_name, on_stack, on_epoch_done)
     # The handlers stay installed until every run has ended, so that a stop is never cut short.
-    with signals.installed(), contextlib.ExitStack() as ends:
-        with signals.deferred():  # a signal while the runs are created ends them KILLED, once they exist
-            openings = [open_run(job, signals, {**tags, **({"stack.index": str(i)} if group else {})}, run_name)
-                        for i, job in enumerate(jobs)]
-        recorders: list[Recorder] = []
+    with training.signals.installed():
         try:
-            ready = _setup(jobs, width.width if width else None)  # meanwhile a record writer creates the runs
-        finally:  # every run that was asked for is opened, so that each one ends
-            failure = None
-            with signals.deferred():
-                for opening in openings:
-                    try:
-                        recorder = opening()
-                    except Exception as exc:
-                        failure = failure or exc
-                        continue
-                    ends.enter_context(recorder.running())
-                    recorders.append(recorder)
-            if failure is not None:
-                raise failure
-        _fit_and_finish(jobs, width.width if width else None, recorders, results, ready, on_epoch_done)
+            training.open()
+            training.train()
+            training.send()
+        except BaseException as exc:
+            training.end(exc)
+            raise
+        results = training.end()
     if group is None and isinstance(results[0], Exception):
         raise results[0]
-    return results  # type: ignore[return-value]
+    return results
+
+
+class Training:
+    """The runs of one job alone (group None) or of one stack, from their opening to their end, in
+    steps that a launcher may interleave with the next stack's:
+
+        open()    the runs asked for (with a record writer, created while the stack sets up)
+        train()   set up, the untrained scores, every epoch trained and recorded
+        send()    each run's last records: its weights' hash and files (and with a record writer
+                  its end, written once they are)
+        end(exc)  what was sent waited for, every run ended (KILLED, FAILED or FINISHED), and each
+                  job's result returned; with exc (what stopped an earlier step), every unfinished
+                  run ends by it
+
+    `signals` (JobSignals) must be installed by the caller around every step, end included: one
+    instance for every stack a launcher has going at once."""
+
+    def __init__(self, jobs: Sequence[Job], group: str | None = None, extra_tags: dict[str, str] | None = None,
+                 run_name: str | None = None, on_stack: Callable[[str], None] | None = None,
+                 on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None,
+                 signals: JobSignals | None = None) -> None:
+        if group is None and len(jobs) != 1:
+            raise ValueError("train_jobs trains one job alone, or a named group as a stack")
+        if group is not None and len({stack_key(j) for j in jobs}) != 1:
+            raise ValueError("a stack needs jobs with one stack_key")
+        self.jobs, self.group, self.run_name = jobs, group, run_name
+        self.on_stack, self.on_epoch_done = on_stack, on_epoch_done
+        self.signals = signals or JobSignals()
+        self.results: list[dict[str, Any] | Exception | None] = [None] * len(jobs)
+        self.tags = dict(extra_tags or {})
+        self.width = None
+        self.openings: list[Callable[[], Recorder]] = []
+        self.recorders: list[Recorder] = []
+        self.ends = contextlib.ExitStack()  # each recorder's running(): the run's end
+        self.models = self.test = None
+        self._ended = False
+
+    def open(self) -> None:
+        jobs, group = self.jobs, self.group
+        if group is not None:
+            self.width = stack_width(jobs)
+            self.tags.update({"stack.group": group, "stack.size": str(len(jobs)),
+                              "stack.width": str(self.width.width)})
+            if self.on_stack is not None:
+                self.on_stack(self.width.describe())
+        with self.signals.deferred():  # a signal while the runs are created ends them KILLED, once they exist
+            self.openings = [open_run(job, self.signals, {**self.tags, **({"stack.index": str(i)} if group else {})},
+                                      self.run_name) for i, job in enumerate(jobs)]
+
+    def train(self) -> None:
+        try:
+            ready = _setup(self.jobs, self._width())  # meanwhile a record writer creates the runs
+        finally:  # every run that was asked for is opened, so that each one ends
+            failure = self._collect()
+        if failure is not None:
+            raise failure
+        self.models, self.test = ready[3], ready[1]
+        _fit(self.jobs, self._width(), self.recorders, self.results, ready, self.on_epoch_done)
+
+    def send(self) -> None:
+        """Each run's weights hash and artifacts, sent one after another (a record writer writes
+        them while the caller goes on). Called again after a stop cut it short, it sends the rest."""
+        members = self.models.members if self.models is not None else []
+        todo = [(m, r) for m, r in zip(members, self.recorders) if m.failed is None and not r.sent]
+        if not todo:
+            return
+        predicted = self.models.predictions(self.test, self.jobs[0].cfg.trainer.eval_batch_size,
+                                            [m.index for m, _ in todo])
+        for member, recorder in todo:
+            try:
+                if member.stopped is not None and "pruned" not in recorder.result:
+                    recorder.pruned(member.stopped, member.history[-1].epoch)
+                recorder.finish(member.net, self.test, member.history, predicted.get(member.index))
+            except Exception as exc:  # this run ends FAILED; the others of its stack still finish
+                member.failed = member.failed or str(exc)
+                _failed(self.width is not None, member, recorder, exc, self.results)
+
+    def end(self, exc: BaseException | None = None) -> list[dict[str, Any] | Exception]:
+        if self._ended:
+            return self.results  # type: ignore[return-value]
+        self._ended = True
+        self._collect()
+        try:
+            if exc is None:
+                members = self.models.members if self.models is not None else []
+                for member, recorder in zip(members, self.recorders):
+                    if recorder.sent:  # confirmed: a record writer wrote them meanwhile
+                        try:
+                            self.results[member.index] = recorder.finished()
+                        except Exception as caught:
+                            _failed(self.width is not None, member, recorder, caught, self.results)
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._close(exc)
+        return self.results  # type: ignore[return-value]
+
+    def _width(self) -> int | None:
+        return self.width.width if self.width is not None else None
+
+    def _collect(self) -> Exception | None:
+        """Open every run asked for (waiting for a record writer's creation of it), and enter its
+        end; the first opening that failed."""
+        failure = None
+        with self.signals.deferred():
+            for opening in self.openings:
+                try:
+                    recorder = opening()
+                except Exception as exc:
+                    failure = failure or exc
+                    continue
+                self.ends.enter_context(recorder.running())
+                self.recorders.append(recorder)
+            self.openings = []
+        return failure
+
+    def _close(self, exc: BaseException | None) -> None:
+        """End every run (each recorder's running() sees exc, as a with block's body raising it)."""
+        if exc is None:
+            self.ends.close()
+            return
+        try:
+            self.ends.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException as raised:
+            if raised is not exc:
+                raise
+
+
+def _failed(stacked: bool, member, recorder: Recorder, exc: Exception, results: list) -> None:
+    """This run ends FAILED, its stack goes on (a lone job raises it instead, and its caller tells it)."""
+    if stacked:
+        recorder.log.error("run %s: %s", recorder.run.run_id, exc)
+        recorder.reported = True
+    results[member.index] = exc
 
 
 def stack_width(jobs: Sequence[Job]):
@@ -144,8 +255,8 @@ def _setup(jobs: Sequence[Job], width: int | None) -> tuple:
         return (train_d, test_d, val_d, *_models(jobs, width, train_d, test_d, val_d))
 
 
-def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list, ready: tuple,
-                    on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
+def _fit(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list, ready: tuple,
+         on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
     from ..ml.training import fit
 
     cfg = jobs[0].cfg
@@ -160,18 +271,12 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
     def on_nonfinite(member, reason: str) -> None:
         results[member.index] = recorders[member.index].nonfinite(reason)
 
-    def failed(member, recorder: Recorder, exc: Exception) -> None:  # this run ends FAILED, its stack goes on
-        if width is not None:  # a lone job raises it instead, and its caller tells it
-            recorder.log.error("run %s: %s", recorder.run.run_id, exc)
-            recorder.reported = True
-        results[member.index] = exc
-
     def on_epoch(member, m) -> str | None:
         try:
             recorders[member.index].epoch(m, member.net, member.trainer, rng)
         except WriteFailed as exc:  # a record writer could not write this run's records
             member.failed = str(exc)
-            failed(member, recorders[member.index], exc)
+            _failed(width is not None, member, recorders[member.index], exc, results)
             return None
         return _epoch_judge(jobs[member.index], m) if _epoch_judge is not None else None
 
@@ -180,21 +285,6 @@ def _fit_and_finish(jobs: Sequence[Job], width: int | None, recorders: list[Reco
         start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch, val=val_d,
         on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
             epoch, {member.index: member.history[-1] for member in going}))
-    finishing = []
-    for member, recorder in zip(models.members, recorders):  # each run's artifacts, sent one after another
-        if member.failed is None:
-            try:
-                if member.stopped is not None:
-                    recorder.pruned(member.stopped, member.history[-1].epoch)
-                recorder.finish(member.net, test_d, member.history)
-                finishing.append((member, recorder))
-            except Exception as exc:  # this run ends FAILED; the others of its stack still finish
-                failed(member, recorder, exc)
-    for member, recorder in finishing:  # then confirmed: a record writer wrote them meanwhile
-        try:
-            results[member.index] = recorder.finished()
-        except Exception as exc:
-            failed(member, recorder, exc)
 
 
 def _models(jobs: Sequence[Job], width: int | None, train_d, test_d, val_d=None):

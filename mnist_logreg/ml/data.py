@@ -44,6 +44,11 @@ class DatasetFiles:
         return hashlib.sha256(joined.encode()).hexdigest()
 
 
+def pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels as the tutorial feeds them: float32 in [0, 1]."""
+    return images.astype(np.float32) / 255
+
+
 @dataclass(frozen=True)
 class Split:
     """One split in memory as its uint8 bytes: images (N, 784), labels (N,)."""
@@ -54,7 +59,7 @@ class Split:
     @property
     def x(self) -> np.ndarray:
         """Pixels as the tutorial feeds them: float32 in [0, 1] (computed on each access)."""
-        return self.images.astype(np.float32) / 255
+        return pixels(self.images)
 
     @property
     def y(self) -> np.ndarray:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon, nd
 
 from .model import NUM_INPUTS, build_net
@@ -171,6 +172,15 @@ class Stack:
         splits = [train, test] + ([val] if val is not None else [])
         counts = nd.stack(*(self.accuracy_counts(split, chunk) for split in splits)).asnumpy().tolist()
         return [tuple(counts[j][i] / len(split) for j, split in enumerate(splits)) for i in range(self.k)]
+
+
+    def predictions(self, split: DeviceSplit, chunk: int, which: Sequence[int]) -> dict[int, np.ndarray]:
+        """Every member's labels for split in one pass, chunk by chunk as accuracy_counts finds them."""
+        if not which:
+            return {}
+        labels = nd.concat(*(nd.argmax(self.scores(split.x[start : start + chunk]), axis=2)
+                             for start in range(0, len(split), chunk)), dim=0).asnumpy().astype(np.int64)
+        return {i: np.ascontiguousarray(labels[:, i]) for i in which}
 
 
 def _share(param: gluon.Parameter, data: nd.NDArray, grad: nd.NDArray) -> None:

@@ -83,6 +83,12 @@ def accuracy_count(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> nd
     return correct
 
 
+def predicted_labels(net: gluon.HybridBlock, split: DeviceSplit, chunk: int) -> np.ndarray:
+    """The net's label for every example of split, chunk by chunk as it is scored (int64)."""
+    return np.concatenate([nd.argmax(net(split.x[start : start + chunk]), axis=1).asnumpy()
+                           for start in range(0, len(split), chunk)]).astype(np.int64)
+
+
 def evaluate(net: gluon.HybridBlock, train: DeviceSplit, test: DeviceSplit, chunk: int,
              val: DeviceSplit | None = None) -> tuple[float, ...]:
     """Accuracy on the train and the test split (and the validation split, if any), with a single
@@ -158,6 +164,9 @@ class Models(Protocol):
     def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
                  val: DeviceSplit | None = None) -> list[tuple[float, ...]]: ...
 
+    def predictions(self, split: DeviceSplit, chunk: int, which: Sequence[int]) -> dict[int, np.ndarray]:
+        """The labels members `which` give every example of split, as evaluate counts them."""
+
 
 class Lone:
     """One model through gluon.Trainer, as the tutorial trains it."""
@@ -175,6 +184,9 @@ class Lone:
     def evaluate(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
                  val: DeviceSplit | None = None) -> list[tuple[float, ...]]:
         return [evaluate(self.members[0].net, train, test, chunk, val)]
+
+    def predictions(self, split: DeviceSplit, chunk: int, which: Sequence[int]) -> dict[int, np.ndarray]:
+        return {0: predicted_labels(self.members[0].net, split, chunk)} if 0 in which else {}
 
 
 def fit(

@@ -218,7 +218,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     numbers (default initial_job_idx onwards); extra_tags: on every run (a Slurm task's own)."""
     from ..lifecycle.gathering import Gathering
     from ..lifecycle.parent import parent_run
-    from ..lifecycle.train import stack_key, train_jobs
+    from ..lifecycle.signals import JobSignals
+    from ..lifecycle.train import Training, stack_key, train_jobs
 
     from ..config import QuietJobLines
     from .progress import CONSOLE_JOBS, SweepProgress
@@ -282,16 +283,18 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         progress = SweepProgress(log, [[(int(configs[i].hydra.job.num), list(job_overrides[i]),
                                          joined[i].job.cfg.trainer.epochs - joined[i].job.start_epoch) for i in chunk]
                                         for chunk in chunks], names)
-        for k, (chunk, name) in enumerate(zip(chunks, names)):
-            launcher.stacks_trained += 1
-            jobs = [joined[i].job for i in chunk]
-            nums = [int(configs[i].hydra.job.num) for i in chunk]
-            together = f"stack {name}: jobs {job_numbers(nums)} together (batch size {jobs[0].cfg.data.batch_size})"
-            progress.start(k)
-            results = train_jobs(jobs, name, extra_tags=extra_tags,
-                                 on_stack=lambda products: log.info("%s, %s", together, products),
-                                 on_epoch_done=(lambda epoch, metrics, k=k: progress.epoch(k, epoch, metrics))
-                                 if quiet else None)
+        signals = JobSignals()  # one for every stack, since one stack's runs end while the next trains
+        pending: list[tuple[int, list[int], Training]] = []  # a trained stack whose last records are being written
+
+        def end_stack(k: int, chunk: list[int], training: Training) -> None:
+            """A trained stack's last records sent (the rest of them, after a stop), its runs
+            ended, and then each of its jobs."""
+            try:
+                training.send()
+            except BaseException as exc:
+                training.end(exc)
+                raise
+            results = training.end()
             if quiet:
                 progress.stack_done(k, results)
             for i, result in zip(chunk, results):
@@ -302,6 +305,41 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 returns[i] = gathering.finish(paused, result)
                 _close_logger(paused.job.log)
                 settle()
+
+        def end_pending() -> None:
+            while pending:
+                end_stack(*pending.pop(0))
+
+        def on_epoch_done(k: int, epoch: int, metrics: dict) -> None:
+            end_pending()  # the stack before: its records were written during this epoch
+            if quiet:
+                progress.epoch(k, epoch, metrics)
+
+        with signals.installed():
+            try:
+                for k, (chunk, name) in enumerate(zip(chunks, names)):
+                    launcher.stacks_trained += 1
+                    jobs = [joined[i].job for i in chunk]
+                    nums = [int(configs[i].hydra.job.num) for i in chunk]
+                    together = f"stack {name}: jobs {job_numbers(nums)} together (batch size {jobs[0].cfg.data.batch_size})"
+                    progress.start(k)
+                    training = Training(jobs, name, extra_tags=extra_tags,
+                                        on_stack=lambda products: log.info("%s, %s", together, products),
+                                        on_epoch_done=lambda epoch, metrics, k=k: on_epoch_done(k, epoch, metrics),
+                                        signals=signals)
+                    try:
+                        training.open()
+                        for _, _, before in pending:  # created first, then the stack before's files
+                            before.send()
+                        training.train()
+                    except BaseException as exc:
+                        training.end(exc)
+                        raise
+                    progress.trained(k)
+                    end_pending()
+                    pending.append((k, chunk, training))
+            finally:  # the last stack, or at a stop the one trained before: its runs are complete
+                end_pending()
     finally:
         for paused in joined.values():  # a stop: the jobs that did not train unwind
             gathering.abandon(paused)

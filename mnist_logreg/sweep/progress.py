@@ -4,7 +4,8 @@ so far and an estimate of the time left) and a line as each stack ends. Each job
 
     progress = SweepProgress(log, stacks)    stacks: per stack, its jobs' (number, overrides, epochs to train)
     progress.epoch(stack, epoch, {position in the stack: EpochMetrics})
-    progress.stack_done(stack, results)
+    progress.trained(stack)                  its training is over
+    progress.stack_done(stack, results)      its runs have ended
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ class SweepProgress:
         self.done = 0
         self.best: dict[int, float] = {}  # job number -> the best test_acc of its epochs so far
         self.started: float | None = None
-        self.stack_started = 0.0
+        self.spans: dict[int, list[float]] = {}  # stack -> its start and the end of its training
 
     def start(self, stack: int) -> None:
         now = time.perf_counter()
         self.started = self.started if self.started is not None else now
-        self.stack_started = now
+        self.spans[stack] = [now, now]
+
+    def trained(self, stack: int) -> None:
+        """The stack's last epoch is recorded (its runs end once their last records are written)."""
+        self.spans[stack][1] = time.perf_counter()
 
     def epoch(self, stack: int, epoch: int, metrics: dict[int, Any]) -> None:
         """An epoch of stack `stack` is recorded by every run still going in it."""
@@ -75,6 +80,6 @@ class SweepProgress:
         statuses = [r.get("status", "FAILED") if isinstance(r, dict) else "FAILED" for r in results]
         self.left = sum(sum(e) for e in self.epochs[stack + 1:])  # without the epochs stopped runs skipped
         others = [f"#{n} {s}" for n, s in zip(nums, statuses) if s != "FINISHED"]
-        self.log.info("stack %s done in %s: %d of %d runs FINISHED%s", self.names[stack],
-                      duration(time.perf_counter() - self.stack_started), statuses.count("FINISHED"), len(nums),
+        start, trained = self.spans.get(stack, [time.perf_counter()] * 2)
+        self.log.info("stack %s done in %s: %d of %d runs FINISHED%s", self.names[stack], duration(trained - start), statuses.count("FINISHED"), len(nums),
                       f" (not: {', '.join(others)})" if others else "")

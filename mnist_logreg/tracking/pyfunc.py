@@ -108,9 +108,9 @@ def _template(example: bytes, shape: tuple, dtype: str) -> Template:
     files every run's logged model shares (its empty weights are swapped for the run's by log_model)."""
     import atexit
     import shutil
+    from importlib import metadata
 
     import mlflow
-    import mxnet
 
     root = Path(tempfile.mkdtemp(prefix="mnist_logreg_pyfunc_"))
     atexit.register(shutil.rmtree, root, True)
@@ -123,7 +123,7 @@ def _template(example: bytes, shape: tuple, dtype: str) -> Template:
     mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
         root / "model", python_model=__file__, artifacts=artifacts, signature=signature(),
         input_example=np.frombuffer(example, dtype=dtype).reshape(shape),
-        pip_requirements=[f"mxnet=={mxnet.__version__}", f"numpy=={np.__version__}",
+        pip_requirements=[f"mxnet=={metadata.version('mxnet')}", f"numpy=={np.__version__}",
                           f"mlflow=={mlflow.__version__}", "pandas"],
     )
     return Template(root / "model", placeholder)

@@ -159,6 +159,16 @@ class RunLog:
         self.drain(patience)
         self.client.set_terminated(self.run_id, status)
 
+    def end_soon(self, status: str, tags: Mapping[str, str]) -> bool:
+        """With a record writer: send tags and then the run's end, which the writer makes after
+        everything the run sent before, and skips if any of it failed (the caller learns that at
+        its next settle, and ends the run itself). False with a plain client: end() ends it."""
+        if not isinstance(self.client, writer.Deferring):
+            return False
+        self.set_tags(tags)
+        self.client.call_later(self.run_id, "set_terminated", (self.run_id, status))
+        return True
+
     def drain(self, patience: float = 0.0) -> None:
         """Send the spooled metrics, retrying with backoff for up to `patience` seconds."""
         if not retry_with_backoff(self.flush, patience):

@@ -12,6 +12,8 @@ order and whose reads wait for what was queued before them, so a run reads its o
     anything else (create_run, get_run, set_terminated, ...)        asked and answered in order
     ask_soon(fn, ...)                                               fn(client, ...) in the child, its
                                                                     answer waited for later
+    write(client, run_id, fn, ...)                                  fn(client, run_id, ...) in the
+                                                                    child, a write of that run's
 
 A failed write fails only its run: the child skips that run's later writes and the caller learns it
 at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C, SIGTERM and Slurm's
@@ -183,7 +185,7 @@ class Deferring:
         seq = self.writer.request(None, fn, args, {})
         return lambda: self.writer.answer(seq)
 
-    def call_later(self, run_id: str, method: str, args: tuple, kwargs: dict | None = None) -> None:
+    def call_later(self, run_id: str, method: str | Callable[..., Any], args: tuple, kwargs: dict | None = None) -> None:
         """Queue a write of run_id (a run whose write failed sends no more)."""
         if self.writer.gone:  # nothing takes it now: the run fails at its next settle
             self.writer.failed.setdefault(run_id, self.writer.gone)
@@ -222,6 +224,15 @@ def deferring(client: Any) -> Any:
         return client
     writer = _writers.get(client.tracking_uri)
     return Deferring(client, writer) if writer is not None and writer.gone is None else client
+
+
+def write(client: Any, run_id: str, fn: Callable[..., Any], *args: Any) -> None:
+    """fn(client, run_id, *args) (a module-level function), a write of run_id's: queued to the record
+    writer (if it fails, so does the run, at its next settle), or made now with a plain client."""
+    if isinstance(client, Deferring):
+        client.call_later(run_id, fn, (run_id, *args))
+    else:
+        fn(client, run_id, *args)
 
 
 def note_model(client: Any, model_id: str, run_id: str) -> None:
