@@ -38,15 +38,17 @@ class RunFiles:
     names: list[str] | None
     title: str
     example: np.ndarray  # the logged model's input example: the first test images, uint8
+    drawn: bool = False  # whether the pictures are drawn already (by the training process)
 
 
 def log_artifacts(run: RunLog, cfg: DictConfig, net, test, test_split: Split, out_dir: Path | None, work_dir: Path,
-                  predicted: np.ndarray | None = None) -> None:
+                  predicted: np.ndarray | None = None, draw: bool = True) -> None:
     """Model, plots, frozen requirements, git diff and Hydra's files: staged in work_dir/artifacts,
     then uploaded in one call, and the same export as the run's logged model (staged in
     work_dir/MODEL_STAGING). Here the net is exported and scored on the test set (`test`, on its
-    device; predicted: its labels, when the caller has them); the rest is write_files, queued to the
-    record writer when there is one, which fails the run if it cannot be written."""
+    device; predicted: its labels, when the caller has them), and with `draw` its pictures are drawn
+    (else a record writer draws them while this process trains on); the rest is write_files, queued
+    to the record writer when there is one, which fails the run if it cannot be written."""
     from ..ml.training import predicted_labels
 
     art = work_dir / "artifacts"
@@ -65,6 +67,11 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, test_split: Split, ou
                      list(cfg.data.get("classes") or []) or None,
                      f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}",
                      test_split.images[:5])
+    if draw:
+        try:
+            _draw(files)
+        except OSError as exc:
+            raise _no_room(run.run_id, exc) from exc
     writer.write(run.client, run.run_id, write_files, files)
 
 
@@ -74,12 +81,10 @@ def write_files(client, run_id: str, files: RunFiles) -> None:
     When the disk fills up (or any write fails), the files already copied are removed again, so
     no half-written artifact is left looking complete."""
     from ..tracking.fingerprint import frozen_requirements, git_diff
-    from .plots import plot_confusion, plot_predictions
 
     art = files.art
     try:
-        plot_predictions(pixels(files.shown), files.shown_true, files.shown_pred, art / "predictions.png", files.names)
-        plot_confusion(files.counts, art / "confusion_matrix.png", files.names, title=files.title)
+        _draw(files)
         (art / "environment").mkdir(exist_ok=True)
         (art / "environment" / "requirements.txt").write_text(frozen_requirements())
         if git_diff():
@@ -96,6 +101,17 @@ def write_files(client, run_id: str, files: RunFiles) -> None:
     except OSError as exc:
         remove_uploaded(client, run_id, art)
         raise _no_room(run_id, exc) from exc
+
+
+def _draw(files: RunFiles) -> None:
+    """The sample predictions and the confusion matrix, once."""
+    from .plots import plot_confusion, plot_predictions
+
+    if not files.drawn:
+        plot_predictions(pixels(files.shown), files.shown_true, files.shown_pred, files.art / "predictions.png",
+                         files.names)
+        plot_confusion(files.counts, files.art / "confusion_matrix.png", files.names, title=files.title)
+        files.drawn = True
 
 
 def _no_room(run_id: str, exc: OSError) -> TrackingError:

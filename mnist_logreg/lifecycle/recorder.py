@@ -27,6 +27,7 @@ from ..tracking.links import run_url
 from ..tracking.runlog import RunLog
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
+from ..tracking import writer
 from ..tracking.writer import WriteFailed, deferring
 from .artifacts import MODEL_STAGING, log_artifacts, remove_uploaded
 from .lease import Heartbeat, holder_tags
@@ -124,6 +125,7 @@ class Recorder:
         self.reported = False  # whether this run's failure was already told, in its own line
         self.result: dict[str, Any] = {"run_id": run.run_id}
         self.sent = False  # whether finish() sent the run's last records
+        self.sent_upto: int | None = None  # then, with a record writer, the writer's mark
         self.ended = False  # whether a record writer was sent this run's end (FINISHED) after its last record
         self.log.info("MLflow run %s (%s)", run.run_id, redact(cfg.tracking.uri))
 
@@ -212,9 +214,10 @@ class Recorder:
         self.log.info("run %s pruned after epoch %d: %s", self.run.run_id, epoch, reason)
         self.result["pruned"] = epoch
 
-    def finish(self, net, test, history, predicted=None) -> None:
+    def finish(self, net, test, history, predicted=None, draw: bool = True) -> None:
         """Weights hash and artifacts, sent (test: the test split on the device; predicted: the net's
-        labels for it, when known). With a record writer, the run's end is sent after them: it
+        labels for it, when known; draw: whether this process draws the pictures, else a record
+        writer does). With a record writer, the run's end is sent after them: it
         ends FINISHED once they are written, unless one failed, while the caller goes on;
         finished() then confirms them."""
         from ..ml.model import params_hash
@@ -224,8 +227,9 @@ class Recorder:
                 self.run.drain(self.patience)
                 self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
                 log_artifacts(self.run, self.job.cfg, net, test, self.job.test_split, self.job.out_dir,
-                              self.work_dir, predicted)
+                              self.work_dir, predicted, draw)
             self.ended = self.run.end_soon("FINISHED", {**self.job.clock.tags(), **self.closing_tags})
+            self.sent_upto = writer.mark(self.run.client)
             self.history = history
             self.sent = True
 
@@ -234,7 +238,7 @@ class Recorder:
         says PRUNED if pruned). A write that failed raises here, and the run ends FAILED."""
         with self.job.clock("artifacts"), self.signals.deferred():
             try:
-                self.run.settle()
+                self.run.settle(self.sent_upto)  # what it sent, not what later stacks sent since
             except WriteFailed:  # e.g. a full disk under the writer's upload: no half of it stays
                 remove_uploaded(self.run.client, self.run.run_id, self.work_dir / "artifacts")
                 raise

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..tracking import writer
 from ..tracking.writer import WriteFailed
 from .prepare import Job, seed_everything
 from .recorder import Recorder, open_run
@@ -128,6 +129,7 @@ class Training:
         self.recorders: list[Recorder] = []
         self.ends = contextlib.ExitStack()  # each recorder's running(): the run's end
         self.models = self.test = None
+        self.sent_upto: int | None = None  # with a record writer, its mark after the last thing send() sent
         self._ended = False
 
     def open(self) -> None:
@@ -152,9 +154,11 @@ class Training:
         self.models, self.test = ready[3], ready[1]
         _fit(self.jobs, self._width(), self.recorders, self.results, ready, self.on_epoch_done)
 
-    def send(self) -> None:
+    def send(self, last: bool = True) -> None:
         """Each run's weights hash and artifacts, sent one after another (a record writer writes
-        them while the caller goes on). Called again after a stop cut it short, it sends the rest."""
+        them while the caller goes on). last: nothing trains after this stack, so this process
+        draws the pictures itself while the writer writes the runs before (else the writer draws
+        them too). Called again after a stop cut it short, it sends the rest."""
         members = self.models.members if self.models is not None else []
         todo = [(m, r) for m, r in zip(members, self.recorders) if m.failed is None and not r.sent]
         if not todo:
@@ -165,10 +169,15 @@ class Training:
             try:
                 if member.stopped is not None and "pruned" not in recorder.result:
                     recorder.pruned(member.stopped, member.history[-1].epoch)
-                recorder.finish(member.net, self.test, member.history, predicted.get(member.index))
+                recorder.finish(member.net, self.test, member.history, predicted.get(member.index), draw=last)
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
                 member.failed = member.failed or str(exc)
                 _failed(self.width is not None, member, recorder, exc, self.results)
+        self.sent_upto = writer.mark(todo[-1][1].run.client)
+
+    def written(self) -> bool:
+        """Whether a record writer has written everything send() sent (end() would not wait)."""
+        return self.recorders == [] or writer.written(self.recorders[0].run.client, self.sent_upto)
 
     def end(self, exc: BaseException | None = None) -> list[dict[str, Any] | Exception]:
         if self._ended:

@@ -311,7 +311,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 end_stack(*pending.pop(0))
 
         def on_epoch_done(k: int, epoch: int, metrics: dict) -> None:
-            end_pending()  # the stack before: its records were written during this epoch
+            if pending and pending[0][2].written():  # the stack before's records, written meanwhile
+                end_pending()
             if quiet:
                 progress.epoch(k, epoch, metrics)
 
@@ -330,7 +331,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                     try:
                         training.open()
                         for _, _, before in pending:  # created first, then the stack before's files
-                            before.send()
+                            before.send(last=False)  # pictures too: the writer draws them while this stack trains
                         training.train()
                     except BaseException as exc:
                         training.end(exc)

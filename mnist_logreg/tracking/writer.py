@@ -251,6 +251,14 @@ def mark(client: Any) -> int | None:
     return client.mark() if isinstance(client, Deferring) else None
 
 
+def written(client: Any, upto: int | None) -> bool:
+    """Whether the writes sent up to mark `upto` are done (or can no longer be): settle would not wait."""
+    if not isinstance(client, Deferring) or upto is None:
+        return True
+    writer = client.writer
+    return writer.done >= upto or writer.gone is not None
+
+
 def stop_all() -> None:
     """Close every writer of this process, each once it has written what it holds."""
     while _writers:
