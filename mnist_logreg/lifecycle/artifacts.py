@@ -24,7 +24,8 @@ MODEL_STAGING = ".logged_model"  # in a run's work folder, until its upload is w
 
 @dataclass
 class RunFiles:
-    """What write_files needs of a run, small enough to send to a record writer (some 10 kB)."""
+    """What stage_files and write_files need of a run, small enough to send to a record writer
+    (some 10 kB)."""
 
     run_id: str
     model_id: str | None
@@ -38,17 +39,18 @@ class RunFiles:
     names: list[str] | None
     title: str
     example: np.ndarray  # the logged model's input example: the first test images, uint8
-    drawn: bool = False  # whether the pictures are drawn already (by the training process)
+    staged: bool = False  # whether stage_files has run
 
 
 def log_artifacts(run: RunLog, cfg: DictConfig, net, test, test_split: Split, out_dir: Path | None, work_dir: Path,
-                  predicted: np.ndarray | None = None, draw: bool = True) -> None:
+                  predicted: np.ndarray | None = None, stage: bool = True) -> None:
     """Model, plots, frozen requirements, git diff and Hydra's files: staged in work_dir/artifacts,
     then uploaded in one call, and the same export as the run's logged model (staged in
     work_dir/MODEL_STAGING). Here the net is exported and scored on the test set (`test`, on its
-    device; predicted: its labels, when the caller has them), and with `draw` its pictures are drawn
-    (else a record writer draws them while this process trains on); the rest is write_files, queued
-    to the record writer when there is one, which fails the run if it cannot be written."""
+    device; predicted: its labels, when the caller has them), and with `stage` the rest is staged
+    here too (stage_files; else a record writer stages it while this process trains on). The
+    upload is write_files, queued to the record writer when there is one, which fails the run if
+    it cannot be written."""
     from ..ml.training import predicted_labels
 
     art = work_dir / "artifacts"
@@ -67,51 +69,53 @@ def log_artifacts(run: RunLog, cfg: DictConfig, net, test, test_split: Split, ou
                      list(cfg.data.get("classes") or []) or None,
                      f"{cfg.data.name} test set: accuracy {np.trace(counts) / counts.sum():.4f}",
                      test_split.images[:5])
-    if draw:
+    if stage:
         try:
-            _draw(files)
+            stage_files(files)
         except OSError as exc:
             raise _no_room(run.run_id, exc) from exc
     writer.write(run.client, run.run_id, write_files, files)
 
 
-def write_files(client, run_id: str, files: RunFiles) -> None:
-    """Everything a run's files need besides its weights, and their upload: the pictures, the
-    environment, Hydra's record, the artifacts in one call and the logged model (marked READY).
-    When the disk fills up (or any write fails), the files already copied are removed again, so
-    no half-written artifact is left looking complete."""
+def stage_files(files: RunFiles) -> None:
+    """Everything a run's files need besides its weights, on disk: the pictures, the environment,
+    Hydra's record and the logged model's folder. Once."""
     from ..tracking.fingerprint import frozen_requirements, git_diff
-
-    art = files.art
-    try:
-        _draw(files)
-        (art / "environment").mkdir(exist_ok=True)
-        (art / "environment" / "requirements.txt").write_text(frozen_requirements())
-        if git_diff():
-            (art / "environment" / "git.diff").write_text(git_diff())
-        if files.hydra_dir is not None:
-            (art / "hydra").mkdir(exist_ok=True)
-            for f in files.hydra_dir.iterdir():  # Hydra's record, passwords hidden
-                (art / "hydra" / f.name).write_text(redact(f.read_text()))
-        client.log_artifacts(run_id, str(art))
-        if files.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
-            from ..tracking.pyfunc import log_model
-
-            log_model(client, run_id, files.model_id, art / "model", pixels(files.example), files.staging)
-    except OSError as exc:
-        remove_uploaded(client, run_id, art)
-        raise _no_room(run_id, exc) from exc
-
-
-def _draw(files: RunFiles) -> None:
-    """The sample predictions and the confusion matrix, once."""
+    from ..tracking.pyfunc import stage_model
     from .plots import plot_confusion, plot_predictions
 
-    if not files.drawn:
-        plot_predictions(pixels(files.shown), files.shown_true, files.shown_pred, files.art / "predictions.png",
-                         files.names)
-        plot_confusion(files.counts, files.art / "confusion_matrix.png", files.names, title=files.title)
-        files.drawn = True
+    if files.staged:
+        return
+    art = files.art
+    plot_predictions(pixels(files.shown), files.shown_true, files.shown_pred, art / "predictions.png", files.names)
+    plot_confusion(files.counts, art / "confusion_matrix.png", files.names, title=files.title)
+    (art / "environment").mkdir(exist_ok=True)
+    (art / "environment" / "requirements.txt").write_text(frozen_requirements())
+    if git_diff():
+        (art / "environment" / "git.diff").write_text(git_diff())
+    if files.hydra_dir is not None:
+        (art / "hydra").mkdir(exist_ok=True)
+        for f in files.hydra_dir.iterdir():  # Hydra's record, passwords hidden
+            (art / "hydra" / f.name).write_text(redact(f.read_text()))
+    if files.model_id is not None:  # the same export, as an MLflow logged model (pyfunc)
+        stage_model(art / "model", pixels(files.example), files.staging)
+    files.staged = True
+
+
+def write_files(client, run_id: str, files: RunFiles) -> None:
+    """A run's files staged (if they are not yet) and uploaded: the artifacts in one call, then the
+    logged model (marked READY). When the disk fills up (or any write fails), the files already
+    copied are removed again, so no half-written artifact is left looking complete."""
+    from ..tracking.pyfunc import upload_model
+
+    try:
+        stage_files(files)
+        client.log_artifacts(run_id, str(files.art))
+        if files.model_id is not None:
+            upload_model(client, files.model_id, files.staging)
+    except OSError as exc:
+        remove_uploaded(client, run_id, files.art)
+        raise _no_room(run_id, exc) from exc
 
 
 def _no_room(run_id: str, exc: OSError) -> TrackingError:

@@ -214,9 +214,9 @@ class Recorder:
         self.log.info("run %s pruned after epoch %d: %s", self.run.run_id, epoch, reason)
         self.result["pruned"] = epoch
 
-    def finish(self, net, test, history, predicted=None, draw: bool = True) -> None:
+    def finish(self, net, test, history, predicted=None, stage: bool = True) -> None:
         """Weights hash and artifacts, sent (test: the test split on the device; predicted: the net's
-        labels for it, when known; draw: whether this process draws the pictures, else a record
+        labels for it, when known; stage: whether this process stages the files, else a record
         writer does). With a record writer, the run's end is sent after them: it
         ends FINISHED once they are written, unless one failed, while the caller goes on;
         finished() then confirms them."""
@@ -227,7 +227,7 @@ class Recorder:
                 self.run.drain(self.patience)
                 self.closing_tags["params.sha256"] = params_hash(net)  # written with the timing tags, before the end
                 log_artifacts(self.run, self.job.cfg, net, test, self.job.test_split, self.job.out_dir,
-                              self.work_dir, predicted, draw)
+                              self.work_dir, predicted, stage)
             self.ended = self.run.end_soon("FINISHED", {**self.job.clock.tags(), **self.closing_tags})
             self.sent_upto = writer.mark(self.run.client)
             self.history = history

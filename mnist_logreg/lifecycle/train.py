@@ -157,19 +157,22 @@ class Training:
     def send(self, last: bool = True) -> None:
         """Each run's weights hash and artifacts, sent one after another (a record writer writes
         them while the caller goes on). last: nothing trains after this stack, so this process
-        draws the pictures itself while the writer writes the runs before (else the writer draws
-        them too). Called again after a stop cut it short, it sends the rest."""
+        stages most runs' files (pictures, environment, logged model) itself while the writer
+        uploads (a quarter of the runs the writer stages too, first, so that both finish about
+        together; without last, the writer stages them all). Called again after a stop cut it short, it sends the rest."""
         members = self.models.members if self.models is not None else []
         todo = [(m, r) for m, r in zip(members, self.recorders) if m.failed is None and not r.sent]
         if not todo:
             return
         predicted = self.models.predictions(self.test, self.jobs[0].cfg.trainer.eval_batch_size,
                                             [m.index for m, _ in todo])
-        for member, recorder in todo:
+        staged_there = len(todo) // 4 if last else len(todo)
+        for n, (member, recorder) in enumerate(todo):
             try:
                 if member.stopped is not None and "pruned" not in recorder.result:
                     recorder.pruned(member.stopped, member.history[-1].epoch)
-                recorder.finish(member.net, self.test, member.history, predicted.get(member.index), draw=last)
+                recorder.finish(member.net, self.test, member.history, predicted.get(member.index),
+                                stage=n >= staged_there)
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
                 member.failed = member.failed or str(exc)
                 _failed(self.width is not None, member, recorder, exc, self.results)

@@ -331,7 +331,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                     try:
                         training.open()
                         for _, _, before in pending:  # created first, then the stack before's files
-                            before.send(last=False)  # pictures too: the writer draws them while this stack trains
+                            before.send(last=False)  # staged by the writer too, while this stack trains
                         training.train()
                     except BaseException as exc:
                         training.end(exc)

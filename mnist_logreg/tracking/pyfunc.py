@@ -56,14 +56,13 @@ def signature(num_classes: int = 10):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.ndarray, staging: Path) -> None:
-    """Save the pyfunc (with its signature and an input example of real test images) into the
-    logged model `model_id`, whose metrics the run has been logging, and mark it READY.
+def stage_model(export_dir: Path, example: np.ndarray, staging: Path) -> None:
+    """The pyfunc (with its signature and an input example of real test images) for the export in
+    export_dir, saved into `staging` (emptied first), which must stay until upload_model has run.
 
     Every run of a process gets the same MLmodel, environment files and input example but its own
     weights: MLflow writes them once (`Template`), and each run copies them with its own export and
-    its own model uuid, creation time, size and export paths in the MLmodel. The files are staged
-    in `staging` (emptied first), which must stay until the upload is written."""
+    its own model uuid, creation time, size and export paths in the MLmodel."""
     import shutil
 
     template = _template(example.tobytes(), example.shape, str(example.dtype))
@@ -72,6 +71,11 @@ def log_model(client, run_id: str, model_id: str, export_dir: Path, example: np.
     for source in ("model-symbol.json", "model-0000.params"):
         shutil.copyfile(export_dir / source, staging / "artifacts" / source)
     (staging / "MLmodel").write_text(template.mlmodel(export_dir))
+
+
+def upload_model(client, model_id: str, staging: Path) -> None:
+    """The staged pyfunc into the logged model `model_id`, whose metrics the run has been logging,
+    marked READY."""
     client.log_model_artifacts(model_id, str(staging))
     client.finalize_logged_model(model_id, "READY")
 
@@ -105,7 +109,7 @@ class Template:
 @functools.lru_cache(maxsize=2)
 def _template(example: bytes, shape: tuple, dtype: str) -> Template:
     """mlflow.pyfunc.save_model of a placeholder export, once per process and input example: the
-    files every run's logged model shares (its empty weights are swapped for the run's by log_model)."""
+    files every run's logged model shares (its empty weights are swapped for the run's by stage_model)."""
     import atexit
     import shutil
     from importlib import metadata
@@ -129,7 +133,7 @@ def _template(example: bytes, shape: tuple, dtype: str) -> Template:
     return Template(root / "model", placeholder)
 
 
-# What MLflow loads when it runs this file as the model's code (see log_model).
+# What MLflow loads when it runs this file as the model's code (see stage_model).
 try:
     from mlflow.models import set_model
 
