@@ -183,3 +183,67 @@ def test_a_job_config_copied_from_an_earlier_job_equals_the_one_hydra_composes()
         HydraConfig.instance().cfg = saved
     # The copies were copies: all but the first of each shape (7 shapes; the rest copied).
     assert len(composer.templates) == 9
+
+
+def test_the_launchers_run_job_leaves_what_hydras_own_leaves(tmp_path):
+    """The stacked launcher's run_job (fewer copies of the config) against Hydra's, on the same jobs
+    in the same folder: what the task saw (its config and flags, HydraConfig, the working folder),
+    the JobReturn, and the three .hydra/ files, byte for byte; with hydra.job.chdir false and true."""
+    import shutil
+
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core import utils
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from conftest import ROOT
+    from mnist_logreg.sweep import launcher
+
+    os.environ.setdefault("MNIST_LOGREG_ROOT", str(ROOT))
+    setup_globals()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
+    master = loader.load_configuration(
+        "config", ["tracking.uri=sqlite:////tmp/mlflow.db", f"hydra.sweep.dir={tmp_path}/sweep"],
+        run_mode=RunMode.MULTIRUN)
+    context = HydraContext(config_loader=loader, callbacks=Callbacks(master))
+    saved, home = HydraConfig.instance().cfg, os.getcwd()
+
+    def left_by(run_job, overrides: list[str], num: int) -> dict:
+        config = loader.load_sweep_config(master, overrides)
+        with open_dict(config):
+            config.hydra.job.id = config.hydra.job.num = num
+        seen = {}
+
+        def task(cfg):
+            seen.update(cfg=OmegaConf.to_yaml(cfg), struct=OmegaConf.is_struct(cfg), readonly=OmegaConf.is_readonly(cfg),
+                        resolved=OmegaConf.to_yaml(cfg, resolve=True), hydra=OmegaConf.to_yaml(HydraConfig.get()),
+                        cwd=os.getcwd())
+            return 42
+
+        ret = run_job(hydra_context=context, task_function=task, config=config, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")
+        folder = tmp_path / "sweep" / str(num) / ".hydra"
+        files = {f.name: f.read_text() for f in sorted(folder.iterdir())}
+        shutil.rmtree(tmp_path / "sweep")
+        return dict(seen=seen, files=files, cfg=OmegaConf.to_yaml(ret.cfg), hydra_cfg=OmegaConf.to_yaml(ret.hydra_cfg),
+                    overrides=ret.overrides, status=ret.status, value=ret.return_value, task_name=ret.task_name,
+                    working_dir=ret.working_dir, struct=OmegaConf.is_struct(ret.cfg), after=os.getcwd(),
+                    output_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
+
+    try:
+        for num, overrides in enumerate([["optim.lr=0.05", "model.sigma=0.01"], ["data=fashion_mnist", "optim.lr=0.1"],
+                                         ["optim.lr=0.5", "hydra.job.chdir=true"]]):
+            HydraConfig.instance().cfg = saved
+            theirs = left_by(utils.run_job, overrides, num)
+            HydraConfig.instance().cfg = saved
+            ours = left_by(launcher.run_job, overrides, num)
+            assert ours == theirs, overrides
+            assert theirs["files"]["overrides.yaml"].count("optim.lr") == 1 and theirs["seen"]["cwd"] == (
+                str(tmp_path / "sweep" / str(num)) if "hydra.job.chdir=true" in overrides else home)
+    finally:
+        HydraConfig.instance().cfg = saved
+        os.chdir(home)
