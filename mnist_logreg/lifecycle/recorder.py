@@ -24,7 +24,7 @@ from ..config import flatten, redact
 from ..ml import checkpoint
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
-from ..tracking.runlog import RunLog
+from ..tracking.runlog import RunLog, log_config
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
 from ..tracking import writer
@@ -153,13 +153,14 @@ class Recorder:
                          **({"val_acc": val_acc} if val_acc is not None else {})}
             need_params = logged is None or not logged.params
             need_step0 = logged is None or "test_acc" not in logged.metrics
+            resolved = OmegaConf.to_container(cfg, resolve=True) if need_params else {}
             if need_params:
                 # The resolved config, from the start: reproduce and resume rebuild the run from it.
-                self.run.client.log_text(self.run.run_id, redact(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+                writer.write(self.run.client, self.run.run_id, log_config, resolved)
             if need_params and need_step0:
-                self.run.log_params_and_metrics(flatten(cfg), 0, untrained)  # one write where it can be
+                self.run.log_params_and_metrics(flatten(resolved), 0, untrained)  # one write where it can be
             elif need_params:
-                self.run.log_params(flatten(cfg))
+                self.run.log_params(flatten(resolved))
             elif need_step0:
                 self.run.log_metrics(0, untrained)
         self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f%s", train_acc, test_acc,

@@ -176,6 +176,15 @@ class RunLog:
                                 f"{self.run_id} stay in {self.spool}")
 
 
+def log_config(client, run_id: str, resolved: dict) -> None:
+    """The run's resolved config as config.yaml, passwords hidden (a record writer makes the YAML)."""
+    from omegaconf import OmegaConf
+
+    from ..config import redact
+
+    client.log_text(run_id, redact(OmegaConf.to_yaml(resolved)), "config.yaml")
+
+
 def open_records(client, experiment_id: str, run_name: str, tags: dict[str, str], datasets: list,
                  model_name: str = "classifier") -> tuple[str, str]:
     """A new run (status RUNNING) with its tags and dataset inputs, and a logged model (PENDING until
