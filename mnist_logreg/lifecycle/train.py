@@ -159,7 +159,8 @@ class Training:
         them while the caller goes on). last: nothing trains after this stack, so this process
         stages most runs' files (pictures, environment, logged model) itself while the writer
         uploads (a quarter of the runs the writer stages too, first, so that both finish about
-        together; without last, the writer stages them all). Called again after a stop cut it short, it sends the rest."""
+        together; without last, the writer stages them all). Called again after a stop cut it
+        short, it sends the rest."""
         members = self.models.members if self.models is not None else []
         todo = [(m, r) for m, r in zip(members, self.recorders) if m.failed is None and not r.sent]
         if not todo:
