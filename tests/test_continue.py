@@ -183,3 +183,34 @@ def test_sigkill_leaves_runs_a_relaunch_continues_and_a_live_run_is_left_alone(t
     finally:
         live.send_signal(signal.SIGINT)
         live.wait(timeout=60)
+
+
+def test_runs_stopped_after_their_last_epoch_get_their_files_and_finish_with_the_same_numbers(tmp_path, mnist5k_root):
+    """A stop after a stack's last epoch, before its runs' files were written, leaves KILLED runs
+    whose checkpoint holds every epoch: the relaunch trains nothing, writes their files and ends
+    them FINISHED, each in its own run, with every number unchanged."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    from conftest import artifact_paths
+
+    args = ["-m", "optim.lr=0.1,0.5", "trainer.epochs=2", f"data.root={mnist5k_root}"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    before = {run.info.run_id: numbers_of(client, run) for run in jobs}
+    for run in jobs:  # as a stop during its files leaves it: its config, metrics and checkpoint, no files
+        client.set_terminated(run.info.run_id, "KILLED")
+        for path in artifact_paths(client, run.info.run_id):
+            if path != "config.yaml":
+                target = os.path.join(unquote(urlparse(run.info.artifact_uri).path), path)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stdout + again.stderr, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("after epoch 2") == 1  # the stack of two, continued at its end
+    client, jobs, _ = jobs_and_parents(tmp_path)
+    assert {run.info.run_id: numbers_of(client, run) for run in jobs} == before
+    for run in jobs:
+        assert run.info.status == "FINISHED"
+        assert {"config.yaml", "predictions.png", "confusion_matrix.png", "model/model-0000.params"} <= set(
+            artifact_paths(client, run.info.run_id))

@@ -244,8 +244,10 @@ class Recorder:
                 remove_uploaded(self.run.client, self.run.run_id, self.work_dir / "artifacts")
                 raise
         self.status = "FINISHED"
-        self.result.update(self.history[-1].as_metrics(),
-                           status="PRUNED" if "pruned" in self.result else self.status, epochs=len(self.history))
+        resumed = self.job.resumed
+        last = (self.history[-1].as_metrics() if self.history  # else it was stopped after its last epoch
+                else checkpoint.metrics_of(resumed.checkpoint) if resumed is not None and resumed.checkpoint else {})
+        self.result.update(last, status="PRUNED" if "pruned" in self.result else self.status, epochs=len(self.history))
         return self.result
 
     def close(self) -> None:
