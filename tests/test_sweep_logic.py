@@ -186,9 +186,10 @@ def test_a_job_config_copied_from_an_earlier_job_equals_the_one_hydra_composes()
 
 
 def test_the_launchers_run_job_leaves_what_hydras_own_leaves(tmp_path):
-    """The stacked launcher's run_job (fewer copies of the config) against Hydra's, on the same jobs
-    in the same folder: what the task saw (its config and flags, HydraConfig, the working folder),
-    the JobReturn, and the three .hydra/ files, byte for byte; with hydra.job.chdir false and true."""
+    """The stacked launcher's run_job (fewer copies of the config, its YAML emitted by libyaml) against
+    Hydra's, on the same jobs in the same folder: what the task saw (its config and flags, HydraConfig,
+    the working folder), the JobReturn, and the three .hydra/ files, byte for byte; with
+    hydra.job.chdir false and true, and strings YAML must quote, fold or escape."""
     import shutil
 
     from hydra._internal.callbacks import Callbacks
@@ -235,15 +236,19 @@ def test_the_launchers_run_job_leaves_what_hydras_own_leaves(tmp_path):
                     output_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
 
     try:
+        tricky = ["+note='a: b # not a comment, 1e5, ümlaut, \"quoted\" and " + "long " * 30 + "'", "+flag='true'",
+                  "+num='0.5'", "+empty=''", "+multi=[1,'x y',null]"]
         for num, overrides in enumerate([["optim.lr=0.05", "model.sigma=0.01"], ["data=fashion_mnist", "optim.lr=0.1"],
-                                         ["optim.lr=0.5", "hydra.job.chdir=true"]]):
+                                         ["optim.lr=0.5", "hydra.job.chdir=true"], tricky]):
             HydraConfig.instance().cfg = saved
             theirs = left_by(utils.run_job, overrides, num)
             HydraConfig.instance().cfg = saved
             ours = left_by(launcher.run_job, overrides, num)
             assert ours == theirs, overrides
-            assert theirs["files"]["overrides.yaml"].count("optim.lr") == 1 and theirs["seen"]["cwd"] == (
-                str(tmp_path / "sweep" / str(num)) if "hydra.job.chdir=true" in overrides else home)
+            assert theirs["files"]["overrides.yaml"].count("+" if overrides is tricky else "optim.lr") == len(
+                tricky) if overrides is tricky else 1
+            assert theirs["seen"]["cwd"] == (str(tmp_path / "sweep" / str(num)) if "hydra.job.chdir=true" in overrides
+                                             else home)
     finally:
         HydraConfig.instance().cfg = saved
         os.chdir(home)
