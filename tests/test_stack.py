@@ -227,3 +227,25 @@ def test_a_stack_restored_from_its_members_checkpoints_goes_on_bit_identical(dig
         got = [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in earlier.history + member.history]
         assert got == [(m.epoch, m.train_loss, m.train_acc, m.test_acc) for m in history], spec
         assert params_hash(member.net) == weights, spec
+
+
+def test_a_checkpoints_bytes_are_what_gluon_writes_for_lone_and_stacked_models(digit_splits, tmp_path):
+    """checkpoint.contents (the bytes a record writer writes) against Block.save_parameters and
+    Trainer.save_states, for a lone model and each member of a momentum stack (whose weights are
+    views of its group's)."""
+    from mnist_logreg.ml import checkpoint
+
+    train, test = digit_splits
+    lone = build_net(10, 0.1, mx.cpu(), SEED)
+    lone_trainer = make_trainer(lone, 0.1)
+    fit(Lone(lone, lone_trainer), train, test, epochs=1, batch_size=BATCH, seed=SEED, eval_chunk=CHUNK)
+    stack, _ = stacked([MemberSpec(0.1, lr, 0.9) for lr in (0.05, 0.1, 0.5)], digit_splits, 1)
+    rng = np.random.default_rng(3)
+    for net, trainer in [(lone, lone_trainer)] + [(m.net, m.trainer) for m in stack.members]:
+        net.save_parameters(str(tmp_path / "net.params"))
+        trainer.save_states(str(tmp_path / "trainer.states"))
+        files = checkpoint.contents(1, net, trainer, rng, {"test_acc": 0.5})
+        assert files["net.params"] == (tmp_path / "net.params").read_bytes()
+        assert files["trainer.states"] == (tmp_path / "trainer.states").read_bytes()
+        written = checkpoint.write(tmp_path / "ckpt", 1, files)
+        assert checkpoint.epoch_of(written) == 1 and checkpoint.metrics_of(written) == {"test_acc": 0.5}

@@ -94,6 +94,19 @@ def open_run(job: Job, signals: JobSignals, extra_tags: dict[str, str] | None = 
     return recorder
 
 
+def save_checkpoint(client, run_id: str, folder: str, epoch: int, files: dict[str, bytes]) -> None:
+    """One epoch's checkpoint files (checkpoint.contents) written into the run's folder: a record
+    writer's write, or this process's."""
+    checkpoint.write(Path(folder), epoch, files)
+
+
+def upload_checkpoint(client, run_id: str, folder: str) -> None:
+    """The run's last complete checkpoint, uploaded once those sent before it are written."""
+    latest = checkpoint.latest(Path(folder))
+    if latest is not None:
+        client.log_artifacts(run_id, str(latest), "checkpoint")
+
+
 def run_name_of(overrides: list[str]) -> str:
     """What a run is, in its name: the overrides that change its numbers (never where things go)."""
     from ..config import NEUTRAL_KEYS, is_under, override_key
@@ -179,10 +192,12 @@ class Recorder:
 
     def epoch(self, m, net, trainer, rng: np.random.Generator) -> None:
         """One epoch's checkpoint and metrics, written together, never split by a signal (the
-        checkpoint first: it keeps the metrics too, for a process killed in between)."""
+        checkpoint first: it keeps the metrics too, for a process killed in between). With a record
+        writer both are its writes, in that order: this process only makes the checkpoint's bytes."""
         with self.job.clock("logging"), self.signals.deferred():
             self.run.settle_last_step()  # a checkpoint never outlives the previous epoch's metrics
-            checkpoint.save(self.ckpt_dir, m.epoch, net, trainer, rng, m.as_metrics())
+            files = checkpoint.contents(m.epoch, net, trainer, rng, m.as_metrics())
+            writer.write(self.run.client, self.run.run_id, save_checkpoint, str(self.ckpt_dir), m.epoch, files)
             self.run.log_metrics(m.epoch, m.as_metrics())
             beat = self.heartbeat.due()
             if beat:
@@ -269,9 +284,8 @@ class Recorder:
     def _end(self) -> None:
         try:
             self.run.set_tags({**self.job.clock.tags(), **self.closing_tags})
-            latest = checkpoint.latest(self.ckpt_dir)
-            if self.status != "FINISHED" and latest is not None:
-                self.run.log_artifacts(latest, "checkpoint")  # for resume=RUN_ID
+            if self.status != "FINISHED":  # for resume=RUN_ID
+                writer.write(self.run.client, self.run.run_id, upload_checkpoint, str(self.ckpt_dir))
             if self.status != "FINISHED" and self.run.model_id is not None:
                 self.run.client.finalize_logged_model(self.run.model_id, "FAILED")
             self.run.settle()  # what a record writer still held of this run

@@ -268,6 +268,7 @@ def stop_all() -> None:
 # -- the child ---------------------------------------------------------------------------------------
 
 def _serve(uri: str, read_fd: int, write_fd: int) -> None:
+    import queue
     import signal
     from multiprocessing.connection import Connection
 
@@ -289,11 +290,22 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
 
     gc.freeze()  # MLflow's and SQLAlchemy's modules stay for good: no full collection rescans them
     failed: set[str] = set()
+    incoming: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:  # the pipe is drained as requests come, so that the parent never waits on it
+        while True:
+            try:
+                incoming.put(requests.recv())
+            except (EOFError, OSError):
+                incoming.put(None)
+                return
+
+    threading.Thread(target=receive, name="requests", daemon=True).start()
     while True:
-        try:
-            seq, key, method, args, kwargs = requests.recv()
-        except EOFError:
+        request = incoming.get()
+        if request is None:
             return
+        seq, key, method, args, kwargs = request
         if key is not None and key in failed:  # its run already failed: the rest of it is not written
             answers.send((seq, key, True, None))
             continue
