@@ -1,8 +1,9 @@
 """A finished run's files: the exported model, two plots, the environment and Hydra's record.
 
-The training process exports the weights and scores the test set (it holds the model); everything
-else (the pictures, the environment files, the uploads and the logged model) is `write_files`,
-which a record writer runs in its own process while the next stack trains."""
+The training process exports the weights and scores the test set (it holds the model). The rest is
+staged (`stage_files`: the pictures, the environment files, Hydra's record, the logged model's
+folder) and uploaded (`write_files`), by a record writer in its own process while the next stack
+trains; after the last stack, the training process stages most runs' files itself."""
 
 from __future__ import annotations
 
