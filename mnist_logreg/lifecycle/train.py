@@ -1,7 +1,9 @@
 """The one lifecycle of a job, alone or in a stack: open its run, train, record every epoch, finish, end.
 
     train_jobs([job])            one model through gluon.Trainer (run.py, reproduce, resume, per-job launchers)
-    train_jobs(jobs, group)      jobs that share a stack_key as one Stack (the stacked launcher)
+    train_jobs(jobs, group)      jobs that share a stack_key as one Stack
+    Training(jobs, group)        the same, step by step, for the stacked launcher, which trains the next
+                                 stack while a record writer writes one stack's last records
 
 Either way each job gets its own MLflow run with the same records; only the models `fit` trains differ.
 """
