@@ -249,3 +249,28 @@ def test_a_checkpoints_bytes_are_what_gluon_writes_for_lone_and_stacked_models(d
         assert files["trainer.states"] == (tmp_path / "trainer.states").read_bytes()
         written = checkpoint.write(tmp_path / "ckpt", 1, files)
         assert checkpoint.epoch_of(written) == 1 and checkpoint.metrics_of(written) == {"test_acc": 0.5}
+
+
+@pytest.mark.parametrize("groups, alike", [(3, 3), (6, 1)])
+def test_the_untrained_scores_of_a_stack_are_each_lone_models_own(digit_splits, groups, alike):
+    """Step 0 of every member equals a lone job's step 0 (its fresh net scored before training),
+    whether the stack scores each distinct untrained model alone (9 members, 3 distinct) or the
+    whole stack (6 members, all distinct). The same seed draws every sigma's weights as one pattern
+    scaled (they all score alike), so each group of members gets weights of its own here."""
+    from mxnet import nd
+
+    from mnist_logreg.ml.training import evaluate
+
+    train, test = digit_splits
+    specs = [MemberSpec(0.1, lr) for _ in range(groups) for lr in (0.05, 0.1, 0.5)[:alike]]
+    width = probe.widest_exact(len(specs), 10, mx.cpu(), SHAPES).width
+    stack = Stack(specs, 10, mx.cpu(), SEED, width)
+    drawn = [np.random.default_rng(i // alike).normal(0, 0.1, (10, 784)).astype(np.float32) for i in range(len(specs))]
+    lone = []
+    for member, weights in zip(stack.members, drawn):
+        member.net.weight.set_data(nd.array(weights))  # into the member's rows of its group
+        net = build_net(10, 0.1, mx.cpu(), SEED)
+        net.weight.set_data(nd.array(weights))
+        lone.append(evaluate(net, train, test, CHUNK))
+    assert len(set(lone)) == groups  # the groups score apart, so a member given another's scores fails
+    assert stack.evaluate_untrained(train, test, CHUNK) == lone

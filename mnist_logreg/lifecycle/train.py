@@ -322,7 +322,8 @@ def _models(jobs: Sequence[Job], width: int | None, train_d, test_d, val_d=None)
 
         stack = Stack(specs, cfg.model.num_outputs, job.ctx, cfg.seed, width, restore if start_epoch > 1 else None)
         if start_epoch == 1:
-            return stack, stack.evaluate(train_d, test_d, cfg.trainer.eval_batch_size, val_d), start_epoch, rng
+            untrained = stack.evaluate_untrained(train_d, test_d, cfg.trainer.eval_batch_size, val_d)
+            return stack, untrained, start_epoch, rng
         if any(state != states[0] for state in states):
             raise ValueError("a stack's members continue from different batch orders (see stack_key)")
         rng.bit_generator.state = states[0]

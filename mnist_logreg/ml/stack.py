@@ -174,6 +174,25 @@ class Stack:
         return [tuple(counts[j][i] / len(split) for j, split in enumerate(splits)) for i in range(self.k)]
 
 
+    def evaluate_untrained(self, train: DeviceSplit, test: DeviceSplit, chunk: int,
+                           val: DeviceSplit | None = None) -> list[tuple[float, ...]]:
+        """evaluate() of the untrained members. Members drawn alike (the same sigma under the same
+        seed, as in a sweep over lr or wd) start from the same weights and so score the same: when
+        at most a third of the members are distinct, each distinct model is scored once, alone, as
+        a lone job scores itself (a lone model costs about twice a stacked one here, so that is
+        cheaper), and its scores are its twins' too."""
+        from .model import params_hash
+        from .training import evaluate
+
+        drawn = [params_hash(m.net) for m in self.members]
+        first = {}
+        for member, weights in zip(self.members, drawn):
+            first.setdefault(weights, member)
+        if 3 * len(first) > self.k:
+            return self.evaluate(train, test, chunk, val)
+        scores = {weights: evaluate(m.net, train, test, chunk, val) for weights, m in first.items()}
+        return [scores[weights] for weights in drawn]
+
     def predictions(self, split: DeviceSplit, chunk: int, which: Sequence[int]) -> dict[int, np.ndarray]:
         """Every member's labels for split in one pass, chunk by chunk as accuracy_counts finds them."""
         if not which:
