@@ -147,14 +147,23 @@ class Training:
                                       self.run_name) for i, job in enumerate(jobs)]
 
     def train(self) -> None:
+        """Set up and train. With a record writer, the new runs are created while the stack sets up
+        and trains its first epoch: they are opened (and their params and step 0 written) as that
+        epoch ends; otherwise before it starts."""
         try:
-            ready = _setup(self.jobs, self._width())  # meanwhile a record writer creates the runs
-        finally:  # every run that was asked for is opened, so that each one ends
-            failure = self._collect()
+            ready = _setup(self.jobs, self._width())
+        except BaseException:
+            self._collect()  # every run that was asked for is opened, so that each one ends
+            raise
+        self.models, self.test = ready[3], ready[1]
+        lazy = ready[4] is not None and isinstance(writer.deferring(self.jobs[0].client), writer.Deferring)
+        _fit(self.jobs, self._width(), self._opened, self.results, ready, self.on_epoch_done, lazy)
+
+    def _opened(self) -> list[Recorder]:
+        failure = self._collect()
         if failure is not None:
             raise failure
-        self.models, self.test = ready[3], ready[1]
-        _fit(self.jobs, self._width(), self.recorders, self.results, ready, self.on_epoch_done)
+        return self.recorders
 
     def send(self, last: bool = True) -> None:
         """Each run's weights hash and artifacts, sent one after another (a record writer writes
@@ -270,23 +279,36 @@ def _setup(jobs: Sequence[Job], width: int | None) -> tuple:
         return (train_d, test_d, val_d, *_models(jobs, width, train_d, test_d, val_d))
 
 
-def _fit(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], results: list, ready: tuple,
-         on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None) -> None:
+def _fit(jobs: Sequence[Job], width: int | None, opened: Callable[[], list[Recorder]], results: list,
+         ready: tuple, on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None, lazy: bool = False) -> None:
+    """fit the models, recording each epoch in the runs opened() gives (lazy: once the first epoch
+    has trained, when a record writer has had it to create them)."""
     from ..ml.training import fit
 
     cfg = jobs[0].cfg
     train_d, test_d, val_d, models, untrained, start_epoch, rng = ready
-    if untrained is not None:
-        for recorder, accs in zip(recorders, untrained):
-            recorder.begin(*accs)
-    else:
-        for recorder in recorders:
-            recorder.resume()
+    recorders: list[Recorder] = []
+
+    def start() -> None:  # the runs' first records: params and step 0, or where a resumed run stood
+        if recorders:
+            return
+        recorders.extend(opened())
+        if untrained is not None:
+            for recorder, accs in zip(recorders, untrained):
+                recorder.begin(*accs)
+        else:
+            for recorder in recorders:
+                recorder.resume()
+
+    if not lazy:
+        start()
 
     def on_nonfinite(member, reason: str) -> None:
+        start()
         results[member.index] = recorders[member.index].nonfinite(reason)
 
     def on_epoch(member, m) -> str | None:
+        start()
         try:
             recorders[member.index].epoch(m, member.net, member.trainer, rng)
         except WriteFailed as exc:  # a record writer could not write this run's records
@@ -300,6 +322,7 @@ def _fit(jobs: Sequence[Job], width: int | None, recorders: list[Recorder], resu
         start_epoch=start_epoch, rng=rng, on_nonfinite=on_nonfinite, on_epoch=on_epoch, val=val_d,
         on_epoch_done=lambda epoch, going: on_epoch_done and on_epoch_done(
             epoch, {member.index: member.history[-1] for member in going}))
+    start()  # (a fit of no epoch)
 
 
 def _models(jobs: Sequence[Job], width: int | None, train_d, test_d, val_d=None):
