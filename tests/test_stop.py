@@ -43,14 +43,15 @@ def test_ctrl_c_kills_the_stack_and_a_relaunch_continues_its_runs_in_place(tmp_p
 
 def test_a_stop_while_the_stack_before_is_still_being_recorded_finishes_that_stack_whole(tmp_path, mnist5k_root):
     # Stack 1's pictures, uploads, logged models and ends are the record writer's while stack 2 sets
-    # up and trains: Ctrl-C then (stack 2's first epoch is 2,500 batches) stops stack 2 alone.
+    # up and trains, and stack 1's jobs end as stack 2's first epoch ends (4,000 batches of 1, about
+    # half a second): Ctrl-C in that epoch stops stack 2 alone, whose runs the writer created meanwhile.
     args = ["-m", "hydra.launcher.record_writer=true", "hydra.launcher.max_stack=2", "optim.lr=0.05,0.1,0.5,1.0",
-            "trainer.epochs=2", "data.batch_size=2", f"data.root={mnist5k_root}"]
+            "trainer.epochs=2", "data.batch_size=1", f"data.root={mnist5k_root}"]
     proc = start_cli(args, tmp_path)
-    out = signal_when(proc, r"job\.2\]\[INFO\] - MLflow run", signal.SIGINT)
+    out = signal_when(proc, r"\] stack \S+/2: jobs", signal.SIGINT, before=lambda: time.sleep(0.25))
     assert "Traceback" not in out and "Stopped by SIGINT" in out, out[-3000:]
     client, jobs, parents = jobs_and_parents(tmp_path)
-    stacks = sorted((r.data.tags["stack.group"][-1], r.info.status) for r in jobs)  # stack 2 had no epoch yet
+    stacks = sorted((r.data.tags["stack.group"][-1], r.info.status) for r in jobs)
     assert stacks == [("1", "FINISHED"), ("1", "FINISHED"), ("2", "KILLED"), ("2", "KILLED")], stacks
     for run in jobs:
         if run.info.status == "FINISHED":  # whole: every epoch, its files, its logged model and its hash
@@ -61,6 +62,9 @@ def test_a_stop_while_the_stack_before_is_still_being_recorded_finishes_that_sta
             models = client.search_logged_models([run.info.experiment_id],
                                                  filter_string=f"source_run_id = '{run.info.run_id}'")
             assert [m.status for m in models] == ["READY"]
+        else:  # stopped in its first epoch (as a rule): its params and step 0 all the same
+            assert run.data.params["optim.lr"] in ("0.5", "1.0")
+            assert [s for s, _ in history(client, run.info.run_id, "test_acc")][:1] == [0]
     assert parents[0].info.status == "KILLED"
     assert not [p for p in descendants(proc.pid) if _alive(p)]
 

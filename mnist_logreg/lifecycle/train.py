@@ -130,7 +130,8 @@ class Training:
         self.openings: list[Callable[[], Recorder]] = []
         self.recorders: list[Recorder] = []
         self.ends = contextlib.ExitStack()  # each recorder's running(): the run's end
-        self.models = self.test = None
+        self.models = self.test = self.untrained = None
+        self._started = False  # whether the runs were opened and given their first records
         self.sent_upto: int | None = None  # with a record writer, its mark after the last thing send() sent
         self._ended = False
 
@@ -155,14 +156,24 @@ class Training:
         except BaseException:
             self._collect()  # every run that was asked for is opened, so that each one ends
             raise
-        self.models, self.test = ready[3], ready[1]
+        self.models, self.test, self.untrained = ready[3], ready[1], ready[4]
         lazy = ready[4] is not None and isinstance(writer.deferring(self.jobs[0].client), writer.Deferring)
-        _fit(self.jobs, self._width(), self._opened, self.results, ready, self.on_epoch_done, lazy)
+        _fit(self.jobs, self._width(), self._start, self.results, ready, self.on_epoch_done, lazy)
 
-    def _opened(self) -> list[Recorder]:
-        failure = self._collect()
-        if failure is not None:
-            raise failure
+    def _start(self) -> list[Recorder]:
+        """The runs, opened, with their first records written (params and step 0, or where a
+        resumed run stood): once."""
+        if not self._started:
+            self._started = True
+            failure = self._collect()
+            if failure is not None:
+                raise failure
+            if self.untrained is not None:
+                for recorder, accs in zip(self.recorders, self.untrained):
+                    recorder.begin(*accs)
+            else:
+                for recorder in self.recorders:
+                    recorder.resume()
         return self.recorders
 
     def send(self, last: bool = True) -> None:
@@ -198,6 +209,11 @@ class Training:
         if self._ended:
             return self.results  # type: ignore[return-value]
         self._ended = True
+        if exc is not None and self.models is not None and not self._started:
+            try:  # stopped before its first epoch ended: its runs still get their params and step 0
+                self._start()
+            except Exception:  # noqa: BLE001 - the runs end by exc either way
+                pass
         self._collect()
         try:
             if exc is None:
@@ -279,41 +295,31 @@ def _setup(jobs: Sequence[Job], width: int | None) -> tuple:
         return (train_d, test_d, val_d, *_models(jobs, width, train_d, test_d, val_d))
 
 
-def _fit(jobs: Sequence[Job], width: int | None, opened: Callable[[], list[Recorder]], results: list,
+def _fit(jobs: Sequence[Job], width: int | None, start: Callable[[], list[Recorder]], results: list,
          ready: tuple, on_epoch_done: Callable[[int, dict[int, Any]], None] | None = None, lazy: bool = False) -> None:
-    """fit the models, recording each epoch in the runs opened() gives (lazy: once the first epoch
-    has trained, when a record writer has had it to create them)."""
+    """fit the models, recording each epoch in the runs start() opens and begins (lazy: once the
+    first epoch has trained, when a record writer has had it to create them)."""
     from ..ml.training import fit
 
     cfg = jobs[0].cfg
-    train_d, test_d, val_d, models, untrained, start_epoch, rng = ready
-    recorders: list[Recorder] = []
+    train_d, test_d, val_d, models, _, start_epoch, rng = ready
+    recorders: list[Recorder] = [] if lazy else list(start())
 
-    def start() -> None:  # the runs' first records: params and step 0, or where a resumed run stood
-        if recorders:
-            return
-        recorders.extend(opened())
-        if untrained is not None:
-            for recorder, accs in zip(recorders, untrained):
-                recorder.begin(*accs)
-        else:
-            for recorder in recorders:
-                recorder.resume()
-
-    if not lazy:
-        start()
+    def recorder_of(member) -> Recorder:
+        if not recorders:
+            recorders.extend(start())
+        return recorders[member.index]
 
     def on_nonfinite(member, reason: str) -> None:
-        start()
-        results[member.index] = recorders[member.index].nonfinite(reason)
+        results[member.index] = recorder_of(member).nonfinite(reason)
 
     def on_epoch(member, m) -> str | None:
-        start()
+        recorder = recorder_of(member)
         try:
-            recorders[member.index].epoch(m, member.net, member.trainer, rng)
+            recorder.epoch(m, member.net, member.trainer, rng)
         except WriteFailed as exc:  # a record writer could not write this run's records
             member.failed = str(exc)
-            _failed(width is not None, member, recorders[member.index], exc, results)
+            _failed(width is not None, member, recorder, exc, results)
             return None
         return _epoch_judge(jobs[member.index], m) if _epoch_judge is not None else None
 
