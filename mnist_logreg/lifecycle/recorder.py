@@ -22,12 +22,12 @@ from omegaconf import OmegaConf
 
 from ..config import flatten, redact
 from ..ml import checkpoint
+from ..tracking import writer
 from ..tracking.datasets import dataset_inputs
 from ..tracking.links import run_url
 from ..tracking.runlog import RunLog, log_config
 from ..tracking.tags import (TAG_CHECKPOINT_DIR, TAG_FAILURE, TAG_PARENT, TAG_PRUNED, TAG_PRUNED_WHY, TAG_ROLE,
                              command_line, environment_tags)
-from ..tracking import writer
 from ..tracking.writer import WriteFailed, deferring
 from .artifacts import MODEL_STAGING, log_artifacts, remove_uploaded
 from .lease import Heartbeat, holder_tags
