@@ -132,7 +132,6 @@ class Training:
         self.ends = contextlib.ExitStack()  # each recorder's running(): the run's end
         self.models = self.test = self.untrained = None
         self._started = False  # whether the runs were opened and given their first records
-        self.sent_upto: int | None = None  # with a record writer, its mark after the last thing send() sent
         self._ended = False
 
     def open(self) -> None:
@@ -199,11 +198,11 @@ class Training:
             except Exception as exc:  # this run ends FAILED; the others of its stack still finish
                 member.failed = member.failed or str(exc)
                 _failed(self.width is not None, member, recorder, exc, self.results)
-        self.sent_upto = writer.mark(todo[-1][1].run.client)
 
     def written(self) -> bool:
         """Whether a record writer has written everything send() sent (end() would not wait)."""
-        return self.recorders == [] or writer.written(self.recorders[0].run.client, self.sent_upto)
+        marks = [r.sent_upto for r in self.recorders if r.sent and r.sent_upto is not None]
+        return not marks or writer.written(self.recorders[0].run.client, max(marks))
 
     def end(self, exc: BaseException | None = None) -> list[dict[str, Any] | Exception]:
         if self._ended:
@@ -303,18 +302,14 @@ def _fit(jobs: Sequence[Job], width: int | None, start: Callable[[], list[Record
 
     cfg = jobs[0].cfg
     train_d, test_d, val_d, models, _, start_epoch, rng = ready
-    recorders: list[Recorder] = [] if lazy else list(start())
-
-    def recorder_of(member) -> Recorder:
-        if not recorders:
-            recorders.extend(start())
-        return recorders[member.index]
+    if not lazy:
+        start()
 
     def on_nonfinite(member, reason: str) -> None:
-        results[member.index] = recorder_of(member).nonfinite(reason)
+        results[member.index] = start()[member.index].nonfinite(reason)
 
     def on_epoch(member, m) -> str | None:
-        recorder = recorder_of(member)
+        recorder = start()[member.index]
         try:
             recorder.epoch(m, member.net, member.trainer, rng)
         except WriteFailed as exc:  # a record writer could not write this run's records
