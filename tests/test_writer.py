@@ -137,3 +137,39 @@ def _writers_in(folder) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def test_a_trained_stacks_writes_wait_while_the_training_stacks_go_first(tmp_path, monkeypatch):
+    """The writer's two lanes, on a real store: the runs `background` names (a trained stack's files)
+    are written only when no other run's request waits, so a training run's epoch is not queued
+    behind them; each run's own requests keep their order, and a read of a background run waits
+    for its writes."""
+    from mlflow.entities import Metric
+
+    from mnist_logreg.tracking import writer
+    from mnist_logreg.tracking.store import client_for
+
+    monkeypatch.chdir(tmp_path)
+    uri = store_uri(tmp_path)
+    client = client_for(uri)
+    exp = client.create_experiment("lanes")
+    trained, training = (client.create_run(exp).info.run_id for _ in range(2))
+    writer.start(uri)
+    try:
+        deferring = writer.deferring(client)
+        child = deferring.writer
+        deferring.set_tag(trained, "epochs", "done")  # sent before it moved: taken in order still
+        writer.background(deferring, [trained])
+        for i in range(150):  # some 0.5 s of the child's time
+            deferring.set_tag(trained, "upload", str(i))
+        deferring.log_batch(training, metrics=[Metric("test_acc", 0.5, 0, 1)])
+        epoch = writer.mark(deferring)
+        writer.settle(deferring, training, epoch)
+        behind = len(child.pending)
+        assert behind >= 100, behind  # the epoch went first: most of the trained run's writes still wait
+        seen = deferring.get_run(trained)  # read in its lane: after every write it was sent
+        assert seen.data.tags["upload"] == "149" and seen.data.tags["epochs"] == "done"
+        assert not child.pending
+    finally:
+        writer.stop_all()
+    assert client.get_metric_history(training, "test_acc")[0].value == 0.5

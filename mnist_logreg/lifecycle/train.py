@@ -188,6 +188,8 @@ class Training:
             return
         predicted = self.models.predictions(self.test, self.jobs[0].cfg.trainer.eval_batch_size,
                                             [m.index for m, _ in todo])
+        if not last:  # the next stack's epochs are written first
+            writer.background(todo[0][1].run.client, [r.run.run_id for _, r in todo])
         staged_there = len(todo) // 4 if last else len(todo)
         for n, (member, recorder) in enumerate(todo):
             try:

@@ -14,6 +14,14 @@ order and whose reads wait for what was queued before them, so a run reads its o
                                                                     answer waited for later
     write(client, run_id, fn, ...)                                  fn(client, run_id, ...) in the
                                                                     child, a write of that run's
+    background(client, run_ids)                                     those runs' later requests wait
+                                                                    while any other run's are queued
+
+The child takes requests in the order they were sent, in two lanes: a run that `background` named
+(a trained stack whose files are written while the next stack trains) has its requests taken only
+when no other request waits, so that the training stack's epochs are never queued behind them. A
+run's own requests keep their order either way (it moves to the background lane once, after its
+epochs), and waiting for one request is waiting for every earlier one of its lane and of its run.
 
 A failed write fails only its run: the child skips that run's later writes and the caller learns it
 at the run's next settle (`WriteFailed`, one line). The child ignores Ctrl-C, SIGTERM and Slurm's
@@ -74,7 +82,8 @@ class Writer:
         self._recv = Connection(from_child_r, writable=False)
         self._cond = threading.Condition()
         self.sent = 0  # the number of the last request sent
-        self.done = 0  # the number of the last request the child answered
+        self.pending: set[int] = set()  # the requests sent that the child has not answered yet
+        self.background: set[str] = set()  # the runs whose requests go in the background lane
         self.answers: dict[int, tuple[bool, Any]] = {}  # asked requests: (ok, result or message)
         self.failed: dict[str, str] = {}  # run id -> its first failed write
         self.gone: str | None = None  # why the child is no longer there
@@ -91,34 +100,46 @@ class Writer:
                     self._cond.notify_all()
                 return
             with self._cond:
-                self.done = seq
+                self.pending.discard(seq)
                 if key is not None and not ok:
                     self.failed.setdefault(key, value)
                 elif key is None:
                     self.answers[seq] = (ok, value)
                 self._cond.notify_all()
 
-    def request(self, key: str | None, method: Any, args: tuple, kwargs: dict) -> int:
+    def request(self, key: str | None, method: Any, args: tuple, kwargs: dict, lane: int = 0) -> int:
         """Send one call (key: the run a write belongs to, None for a call that is answered; method:
-        a client method's name, or a module-level function the child calls with its client first)."""
+        a client method's name, or a module-level function the child calls with its client first;
+        lane: 0, or 1 for the background lane)."""
         with self._cond:
             if self.gone:
                 raise WriteFailed(f"{self.gone}: rerun the sweep to continue its runs")
             self.sent += 1
             seq = self.sent
-        self._send.send((seq, key, method, args, kwargs))
+            self.pending.add(seq)
+        self._send.send((seq, key, method, args, kwargs, lane))
         return seq
 
-    def wait(self, seq: int) -> None:
-        """Until the child has answered request seq (every request before it too)."""
+    def done(self, seq: int) -> bool:
+        """Whether the child has answered request seq (and so every earlier one of its lane)."""
+        return seq <= self.sent and seq not in self.pending
+
+    def wait(self, seq: int | None = None) -> None:
+        """Until the child has answered request seq (every earlier request of its lane too), or with
+        seq None every request sent so far."""
         with self._cond:
-            while self.done < seq and not self.gone:
+            upto = self.sent if seq is None else seq
+            if seq is None:
+                waiting = lambda: bool(self.pending) and min(self.pending) <= upto  # noqa: E731
+            else:
+                waiting = lambda: seq in self.pending  # noqa: E731
+            while waiting() and not self.gone:
                 self._cond.wait()
-            if self.done < seq:
+            if waiting():
                 raise WriteFailed(f"{self.gone} before writing every record: rerun the sweep to continue its runs")
 
-    def ask(self, method: Any, args: tuple, kwargs: dict) -> Any:
-        return self.answer(self.request(None, method, args, kwargs))
+    def ask(self, method: Any, args: tuple, kwargs: dict, lane: int = 0) -> Any:
+        return self.answer(self.request(None, method, args, kwargs, lane))
 
     def answer(self, seq: int) -> Any:
         """What asked request seq returned (it raises what the call raised)."""
@@ -164,8 +185,9 @@ class Deferring:
             return later
 
         def now(*args, **kwargs) -> Any:
-            try:
-                answer = self.writer.ask(method, args, kwargs)
+            try:  # a read of a background run's waits for its writes, in its lane
+                named = self._model_run.get(args[0], args[0]) if args and isinstance(args[0], str) else None
+                answer = self.writer.ask(method, args, kwargs, lane=int(named in self.writer.background))
             except WriteFailed:
                 if not self.writer.gone:
                     raise
@@ -190,7 +212,7 @@ class Deferring:
         if self.writer.gone:  # nothing takes it now: the run fails at its next settle
             self.writer.failed.setdefault(run_id, self.writer.gone)
         elif run_id not in self.writer.failed:
-            self.writer.request(run_id, method, args, kwargs or {})
+            self.writer.request(run_id, method, args, kwargs or {}, lane=int(run_id in self.writer.background))
 
     def mark(self) -> int:
         """The number of the last request sent: settle(run_id, upto=mark) waits for those only."""
@@ -199,7 +221,7 @@ class Deferring:
     def settle(self, run_id: str, upto: int | None = None) -> None:
         """Wait until the writes sent so far (or up to `upto`) are done; raise WriteFailed with the
         first of run_id's that failed."""
-        self.writer.wait(self.writer.sent if upto is None else upto)
+        self.writer.wait(upto)
         failure = self.writer.failed.get(run_id)
         if failure is not None:
             raise WriteFailed(f"a record could not be written ({failure})")
@@ -247,6 +269,13 @@ def settle(client: Any, run_id: str, upto: int | None = None) -> None:
         client.settle(run_id, upto)
 
 
+def background(client: Any, run_ids: list[str]) -> None:
+    """These runs' later writes wait in the child while any other run's are queued (their stack has
+    trained; the next one's epochs go first)."""
+    if isinstance(client, Deferring):
+        client.writer.background.update(run_ids)
+
+
 def mark(client: Any) -> int | None:
     return client.mark() if isinstance(client, Deferring) else None
 
@@ -256,7 +285,7 @@ def written(client: Any, upto: int | None) -> bool:
     if not isinstance(client, Deferring) or upto is None:
         return True
     writer = client.writer
-    return writer.done >= upto or writer.gone is not None
+    return writer.done(upto) or writer.gone is not None
 
 
 def stop_all() -> None:
@@ -268,7 +297,7 @@ def stop_all() -> None:
 # -- the child ---------------------------------------------------------------------------------------
 
 def _serve(uri: str, read_fd: int, write_fd: int) -> None:
-    import queue
+    import collections
     import signal
     from multiprocessing.connection import Connection
 
@@ -290,22 +319,39 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
 
     gc.freeze()  # MLflow's and SQLAlchemy's modules stay for good: no full collection rescans them
     failed: set[str] = set()
-    incoming: queue.SimpleQueue = queue.SimpleQueue()
+    lanes: tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
+    arrived = threading.Condition()
+    closed = []
 
     def receive() -> None:  # the pipe is drained as requests come, so that the parent never waits on it
         while True:
             try:
-                incoming.put(requests.recv())
+                request = requests.recv()
             except (EOFError, OSError):
-                incoming.put(None)
+                request = None
+            with arrived:
+                if request is None:
+                    closed.append(True)
+                else:
+                    lanes[request[-1]].append(request)
+                arrived.notify()
+            if request is None:
                 return
+
+    def take() -> tuple | None:
+        """The first request of the first lane that has one; None once the parent has closed the
+        pipe and every request is done."""
+        with arrived:
+            while not (lanes[0] or lanes[1] or closed):
+                arrived.wait()
+            return (lanes[0] or lanes[1]).popleft() if lanes[0] or lanes[1] else None
 
     threading.Thread(target=receive, name="requests", daemon=True).start()
     while True:
-        request = incoming.get()
+        request = take()
         if request is None:
             return
-        seq, key, method, args, kwargs = request
+        seq, key, method, args, kwargs, _ = request
         if key is not None and key in failed:  # its run already failed: the rest of it is not written
             answers.send((seq, key, True, None))
             continue
