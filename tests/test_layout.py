@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mnist_logreg"
 # Lowest first; a module may import its own layer and the ones before it.
@@ -107,6 +109,18 @@ def test_the_numerical_core_imports_no_mlflow_hydra_or_omegaconf():
             "print(sorted(m for m in ('mlflow', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_mxnet_is_imported_without_what_it_never_uses_which_stays_importable():
+    """mxnet.model imports scikit-learn when it is installed (here, by mlxtend), 0.4 s: the package's
+    import hook keeps it from MXNet's import alone, and anyone else still imports it."""
+    pytest.importorskip("sklearn")
+    code = ("import sys, mnist_logreg.ml.model, mxnet.model\n"
+            "assert 'sklearn' not in sys.modules and not mxnet.model.SKLEARN_INSTALLED\n"
+            "import sklearn.base\n"
+            "print(mxnet.nd.zeros((2,)).sum().asscalar(), sklearn.base.BaseEstimator.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["0.0", "BaseEstimator"], out.stderr[-2000:]
 
 
 def test_one_training_loop_and_no_sys_path_edits():

@@ -185,6 +185,23 @@ def test_a_job_config_copied_from_an_earlier_job_equals_the_one_hydra_composes()
     assert len(composer.templates) == 9
 
 
+def _nodes(node, path: str = "", out: list | None = None) -> list:
+    """Every node of a config, as what a copy must keep of it: its path, class, ref and object types,
+    key, optionality, flags, resolver cache, whether it has a parent, and a leaf's value."""
+    from omegaconf import Container, DictConfig
+
+    out = [] if out is None else out
+    meta = node._metadata
+    out.append((path, type(node).__name__, meta.ref_type, getattr(meta, "object_type", None), meta.key, meta.optional,
+                dict(meta.flags or {}), meta.flags_root, dict(getattr(meta, "resolver_cache", None) or {}),
+                node._get_parent() is not None, None if isinstance(node, Container) else node._value()))
+    if isinstance(node, Container) and not (node._is_none() or node._is_missing() or node._is_interpolation()):
+        content = node.__dict__["_content"]
+        for key, child in (content.items() if isinstance(node, DictConfig) else enumerate(content)):
+            _nodes(child, f"{path}.{key}", out)
+    return out
+
+
 def test_the_launchers_run_job_leaves_what_hydras_own_leaves(tmp_path):
     """The stacked launcher's run_job (fewer copies of the config, its YAML emitted by libyaml) against
     Hydra's, on the same jobs in the same folder: what the task saw (its config and flags, HydraConfig,
@@ -222,7 +239,8 @@ def test_the_launchers_run_job_leaves_what_hydras_own_leaves(tmp_path):
         def task(cfg):
             seen.update(cfg=OmegaConf.to_yaml(cfg), struct=OmegaConf.is_struct(cfg), readonly=OmegaConf.is_readonly(cfg),
                         resolved=OmegaConf.to_yaml(cfg, resolve=True), hydra=OmegaConf.to_yaml(HydraConfig.get()),
-                        cwd=os.getcwd())
+                        cwd=os.getcwd(), nodes=_nodes(cfg), hydra_nodes=_nodes(HydraConfig.instance().cfg),
+                        hydra_parent=HydraConfig.get()._get_parent() is config)
             return 42
 
         ret = run_job(hydra_context=context, task_function=task, config=config, job_dir_key="hydra.sweep.dir",
