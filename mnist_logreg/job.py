@@ -27,11 +27,12 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None, run_name: s
     """
     from .lifecycle import gathering
 
-    job = prepare(cfg, *_hydra_job())
+    gathered = extra_tags is None and run_name is None and gathering.active()
+    job = prepare(cfg, *_hydra_job(), look_up_later=gathered)
+    if gathered:  # the launcher reads its point's runs, then skips it or trains it in a stack, and hands back its result
+        return gathering.join(job)
     if job.done is not None or job.busy is not None:
         return skip(job)
-    if extra_tags is None and run_name is None and gathering.active():
-        return gathering.join(job)  # the launcher trains it in a stack, then hands back its result
     return train_jobs([job], extra_tags=extra_tags, run_name=run_name)[0]  # type: ignore[return-value]
 
 

@@ -43,6 +43,8 @@ def test_a_large_sweep_prints_a_line_per_stack_and_epoch_and_keeps_job_lines_in_
     assert re.search(r"epoch 1/2  loss \S+  train_acc \S+  test_acc %.4f  the stack of 8: [\d.]+s train" % best_acc,
                      job_log), job_log
     assert "MLflow run" in job_log and len(list(sweep_dir.glob("[0-9]*/run.log"))) == 12
+    for log_file in sweep_dir.glob("[0-9]*/run.log"):  # a job's file holds its own lines only, not the launcher's
+        assert not re.search(r"\[HYDRA\]|stack \S+ \(|Launching", log_file.read_text()), log_file
 
 
 def test_a_small_sweep_keeps_each_jobs_lines_and_says_the_timing_is_the_stacks(card):

@@ -114,6 +114,32 @@ def test_runs_left_running_by_dead_processes_end_killed_or_failed(tmp_path):
     assert end_orphaned_runs(client, exp, parent, interrupted=True) == 0
 
 
+def test_one_read_of_the_store_tells_which_points_have_runs_as_mlflows_own_search_does(tmp_path):
+    """The sweep-wide lookup (one SQL query of MLflow's tables) against MLflow's search per point:
+    every point with a job run is found, in any status; a deleted run, another experiment's or
+    another fingerprint's is not; a server's store is not read so (None)."""
+    from mnist_logreg.tracking.queries import fingerprints_with_runs, runs_with_fingerprint
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    exp, other = ensure_experiment(client, "points", None), ensure_experiment(client, "elsewhere", None)
+
+    def run(fingerprint, status="FINISHED", where=exp):
+        made = client.create_run(where, tags={TAG_ROLE: "job", "fingerprint": fingerprint}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(made, status)
+        return made
+
+    run("a"), run("b", "KILLED"), run("c", "RUNNING"), run("b"), run("e", where=other)
+    client.delete_run(run("d"))
+    points = {"a", "b", "c", "d", "e", "f"}
+    found = fingerprints_with_runs(uri, exp, points)
+    assert found == {fp for fp in points if runs_with_fingerprint(client, exp, fp)} == {"a", "b", "c"}
+    assert fingerprints_with_runs(uri, other, points) == {"e"}
+    assert fingerprints_with_runs(uri, exp, {f"x{i}" for i in range(1200)} | {"a"}) == {"a"}  # in chunks
+    assert fingerprints_with_runs("http://127.0.0.1:5000", exp, points) is None
+
+
 def test_a_running_run_whose_holder_is_alive_is_not_an_orphan(tmp_path):
     import socket
     import subprocess

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import NEUTRAL_KEYS, check_known_keys, is_under, override_key, redact, validate
 from ..errors import ConfigError
@@ -87,6 +87,8 @@ class Job:
     busy: Any = None  # a run of this point still training in another process: the job is skipped
     log: logging.Logger | logging.LoggerAdapter = field(default=log)
     val_split: Split | None = None  # training examples held out (data.val_size), never trained on
+    unresolved: bool = False  # prepare(..., look_up_later=True): done, busy and resumed not yet looked up
+    resolved: dict | None = None  # cfg resolved (in the job's own Hydra context), for its fingerprint and its run
 
     @property
     def start_epoch(self) -> int:
@@ -177,9 +179,45 @@ def _epoch_of(path: Path) -> int:
 def resolve(client, experiment_id: str, fingerprint: str) -> tuple[Any, Any, Resumed | None]:
     """What a point's runs say it needs: (FINISHED run, busy run, Resumed): at most one is set;
     none for a new point."""
+    return decide(client, runs_with_fingerprint(client, experiment_id, fingerprint))
+
+
+def points_with_runs(jobs: Sequence["Job"]) -> set[tuple[str, str, str]] | None:
+    """Of jobs prepared with look_up_later, the points that have any run: (store, experiment,
+    fingerprint), found for a whole sweep in one read of each SQLite store (an MLflow query per
+    point is some 3 ms of SQLAlchemy here, and a new sweep's points have none); None where that
+    cannot be told (a server's store): looked_up then asks for each point."""
+    from ..tracking.queries import fingerprints_with_runs
+
+    wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for job in jobs:
+        if job.unresolved:
+            wanted[(job.client.tracking_uri, job.experiment_id)].add(job.fingerprint["fingerprint"])
+    found: set[tuple[str, str, str]] = set()
+    for (uri, experiment_id), fingerprints in wanted.items():
+        with_runs = fingerprints_with_runs(uri, experiment_id, fingerprints)
+        if with_runs is None:
+            return None
+        found.update((uri, experiment_id, fp) for fp in with_runs)
+    return found
+
+
+def looked_up(job: "Job", with_runs: set[tuple[str, str, str]] | None = None) -> "Job":
+    """The job of prepare(..., look_up_later=True), with what its point's runs say (done, busy,
+    resumed), once; with_runs (points_with_runs): a point not in it has no run to read."""
+    if job.unresolved:
+        with job.clock("store"):
+            fingerprint = job.fingerprint["fingerprint"]
+            if with_runs is None or (job.client.tracking_uri, job.experiment_id, fingerprint) in with_runs:
+                job.done, job.busy, job.resumed = resolve(job.client, job.experiment_id, fingerprint)
+            job.unresolved = False
+    return job
+
+
+def decide(client, runs: list) -> tuple[Any, Any, Resumed | None]:
+    """resolve's decision, from the point's runs (newest first)."""
     from .lease import abandoned
 
-    runs = runs_with_fingerprint(client, experiment_id, fingerprint)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished:
         return finished[0], None, None
@@ -207,12 +245,15 @@ def _experiment(cfg: DictConfig) -> tuple[Any, str, dict[str, str]]:
     return client, ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location), {}
 
 
-def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[str] = ()) -> Job:
+def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[str] = (),
+            look_up_later: bool = False) -> Job:
     """Check everything that can be wrong with the input (config values, context, data files,
     tracking store) and find a FINISHED run to reuse, before anything is written.
 
     out_dir: the job's folder (Hydra's), where its log, checkpoints and staged artifacts go (None: a
-    temporary folder); overrides: the command-line overrides that made this job, for its tags."""
+    temporary folder); overrides: the command-line overrides that made this job, for its tags;
+    look_up_later: the point's runs are only asked for (a launcher preparing many jobs reads them
+    with looked_up before it trains or skips any)."""
     clock = Clock()
     if cfg.get("resume") is not None and not isinstance(cfg.resume, str):
         # A run id prefix of digits only (or digits and one e) reads as a number: take it as typed.
@@ -244,12 +285,15 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
             client, experiment_id, sweep_tags = resumed.client, resumed.run.info.experiment_id, {}
         else:
             client, experiment_id, sweep_tags = _experiment(cfg)
-        fp_tags = fingerprint_tags(cfg, files.digest())
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        fp_tags = fingerprint_tags(resolved, files.digest())
         done = busy = None
-        if not cfg.force and resumed is None:
+        unresolved = not cfg.force and resumed is None
+        if unresolved and not look_up_later:
             done, busy, resumed = resolve(client, experiment_id, fp_tags["fingerprint"])
     return Job(cfg, clock, resumed, ctx, files, train_split, test_split, out_dir, list(overrides), client,
-               experiment_id, sweep_tags, fp_tags, done, busy, val_split=val_split)
+               experiment_id, sweep_tags, fp_tags, done, busy, val_split=val_split,
+               unresolved=unresolved and look_up_later, resolved=resolved)
 
 
 def skip(job: Job) -> dict[str, Any]:

@@ -166,7 +166,8 @@ class Recorder:
                          **({"val_acc": val_acc} if val_acc is not None else {})}
             need_params = logged is None or not logged.params
             need_step0 = logged is None or "test_acc" not in logged.metrics
-            resolved = OmegaConf.to_container(cfg, resolve=True) if need_params else {}
+            resolved = ((self.job.resolved if self.job.resolved is not None else OmegaConf.to_container(cfg, resolve=True))
+                        if need_params else {})
             if need_params:
                 # The resolved config, from the start: reproduce and resume rebuild the run from it.
                 writer.write(self.run.client, self.run.run_id, log_config, resolved)

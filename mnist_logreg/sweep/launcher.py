@@ -362,6 +362,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     numbers (default initial_job_idx onwards); extra_tags: on every run (a Slurm task's own)."""
     from ..lifecycle.gathering import Gathering
     from ..lifecycle.parent import parent_run
+    from ..lifecycle.prepare import looked_up, points_with_runs, skip
     from ..lifecycle.signals import JobSignals
     from ..lifecycle.train import Training, stack_key, train_jobs
 
@@ -385,17 +386,22 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                      [numbers[i] if numbers is not None else initial_job_idx + i for i in range(len(job_overrides))]),
                  sweep_dir, launcher.config.hydra.job.name)
     QuietJobLines.active = quiet
-    gathering = Gathering(lambda job: train_jobs([job])[0])
+    def alone(job):  # a job that joined a second time from the same task function
+        looked_up(job)
+        return skip(job) if job.done is not None or job.busy is not None else train_jobs([job])[0]
+
+    gathering = Gathering(alone)
     home, hydra_cfg = os.getcwd(), HydraConfig.instance().cfg
     configs: list[DictConfig] = []
     returns: dict[int, JobReturn] = {}
     joined: dict[int, Any] = {}
     hydra_of: dict[int, Any] = {}
 
-    def settle() -> None:  # what run_job leaves behind, as basic leaves it between jobs
+    def settle(logging_too: bool = True) -> None:  # what run_job leaves behind, as basic leaves it between jobs
         HydraConfig.instance().cfg = hydra_cfg
         os.chdir(home)
-        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+        if logging_too:
+            configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
 
     try:
         for i, overrides in enumerate(job_overrides):
@@ -411,7 +417,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                                           task_function=launcher.task_function, config=sweep_config,
                                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             job_hydra = HydraConfig.instance().cfg  # what run_job set for the task (a copy of the job's hydra node)
-            settle()
+            settle(logging_too=not quiet)  # at scale nothing logs before the next job's run_job sets its own
             if paused is None:
                 returns[i] = ret  # ran to its end: another app's task, a skipped or a refused job
             else:
@@ -419,6 +425,31 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 hydra_of[i] = job_hydra
                 hc = sweep_config.hydra
                 paused.job.log = _member_logger(idx, Path(hc.runtime.output_dir), hc.job.name)
+        settle()
+
+        def finish(i: int, result: Any) -> None:
+            """Job i resumed with its result (or the exception that ended it), as run_job had it
+            while its task ran, and run to its end."""
+            HydraConfig.instance().cfg = hydra_of.pop(i)
+            if configs[i].hydra.job.chdir:
+                os.chdir(configs[i].hydra.runtime.output_dir)
+            paused = joined.pop(i)
+            try:
+                returns[i] = gathering.finish(paused, result)
+            finally:
+                _close_logger(paused.job.log)
+                settle()
+
+        with_runs = points_with_runs([paused.job for paused in joined.values()])
+        for i in list(joined):  # what each point's runs say, the whole sweep's looked up at once
+            job = joined[i].job
+            try:
+                looked_up(job, with_runs)
+                result = skip(job) if job.done is not None or job.busy is not None else None
+            except Exception as exc:  # this job fails, as it would have in prepare
+                result = exc
+            if result is not None:
+                finish(i, result)
 
         parent = parent_run()
         keys = [stack_key(joined[i].job) if i in joined else None for i in range(len(configs))]
@@ -442,13 +473,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             if quiet:
                 progress.stack_done(k, results)
             for i, result in zip(chunk, results):
-                HydraConfig.instance().cfg = hydra_of.pop(i)  # as run_job had it while the task ran
-                if configs[i].hydra.job.chdir:
-                    os.chdir(configs[i].hydra.runtime.output_dir)
-                paused = joined.pop(i)
-                returns[i] = gathering.finish(paused, result)
-                _close_logger(paused.job.log)
-                settle()
+                finish(i, result)
 
         def end_pending() -> None:
             while pending:

@@ -75,7 +75,7 @@ def thread_settings() -> dict[str, str]:
     return tags
 
 
-def fingerprint_tags(cfg: DictConfig, data_digest: str) -> dict[str, str]:
+def fingerprint_tags(cfg: DictConfig | Mapping, data_digest: str) -> dict[str, str]:
     """Every fingerprint tag of a job, and `fingerprint`: one hash of config, code, data and lock file.
 
     Two runs with the same `fingerprint` ran the same computation on the same inputs; a relaunched

@@ -47,6 +47,34 @@ def runs_with_fingerprint(client, experiment_id: str, fingerprint: str) -> list:
                               order_by=["attributes.start_time DESC"], max_results=100)
 
 
+def fingerprints_with_runs(uri: str, experiment_id: str, fingerprints: set[str]) -> set[str] | None:
+    """Which of the fingerprints have a run (a job run or any other, not deleted) in the experiment
+    of a local SQLite store, read in one query of MLflow's tables (runs, tags) without MLflow; None
+    for another store, or if the store cannot be read so (runs_with_fingerprint then asks MLflow)."""
+    import contextlib
+    import sqlite3
+
+    from .store import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return None
+    found: set[str] = set()
+    wanted = sorted(fingerprints)
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            for lo in range(0, len(wanted), 500):
+                chunk = wanted[lo : lo + 500]
+                rows = con.execute(
+                    "SELECT DISTINCT tags.value FROM tags JOIN runs ON runs.run_uuid = tags.run_uuid "
+                    "WHERE tags.key = 'fingerprint' AND runs.experiment_id = ? AND runs.lifecycle_stage = 'active' "
+                    f"AND tags.value IN ({', '.join('?' * len(chunk))})", [int(experiment_id), *chunk])
+                found.update(row[0] for row in rows)
+    except (sqlite3.Error, ValueError):
+        return None
+    return found
+
+
 MIN_PREFIX = 6
 
 

@@ -57,12 +57,22 @@ def sqlite_path(uri: str) -> Path | None:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+_STORES_SEEN: set[tuple[int, int]] = set()  # (device, inode) of the files found to be MLflow stores
+
+
 def check_sqlite_store(db: Path) -> None:
     """Refuse, without touching it, a file that is not an SQLite database or is another program's
     database: MLflow would fail on the first (with two tracebacks) and add its tables to the second.
-    A missing or empty file is fine: MLflow creates a fresh store in it."""
+    A missing or empty file is fine: MLflow creates a fresh store in it. A file found to be a store
+    is not read again in this process (a sweep's every job opens it) while it is the same file."""
     import sqlite3
 
+    try:
+        stat = db.stat()
+    except OSError:
+        stat = None
+    if stat is not None and (stat.st_dev, stat.st_ino) in _STORES_SEEN:
+        return
     if not db.exists() or (db.is_file() and db.stat().st_size == 0):
         return
     fix = "point tracking.uri (or --tracking-uri) at an MLflow store or at a new file"
@@ -81,6 +91,8 @@ def check_sqlite_store(db: Path) -> None:
     if tables and not {"experiments", "runs", "alembic_version"} <= tables:
         raise TrackingError(f"{db} is an SQLite database but not an MLflow store (tables: "
                             f"{', '.join(sorted(tables)[:5])}): {fix}; the file was left as it is")
+    if tables and stat is not None:
+        _STORES_SEEN.add((stat.st_dev, stat.st_ino))
 
 
 def store_template() -> Path:
