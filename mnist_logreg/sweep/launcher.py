@@ -369,8 +369,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     from ..config import QuietJobLines
     from .progress import CONSOLE_JOBS, SweepProgress
 
+    import gc
+
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
+    gc.freeze()  # what the process holds by now (Hydra, MLflow, their modules) is never rescanned by a full collection
     quiet = len(job_overrides) > CONSOLE_JOBS  # at scale: a line per stack and epoch, and a record writer
     wanted = getattr(launcher, "record_writer", None)  # null: at scale (the Slurm launcher's tasks too)
     if wanted or (wanted is None and quiet):
@@ -426,6 +429,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 hc = sweep_config.hydra
                 paused.job.log = _member_logger(idx, Path(hc.runtime.output_dir), hc.job.name)
         settle()
+        gc.freeze()  # and the jobs' configs, held until the launch ends
 
         def finish(i: int, result: Any) -> None:
             """Job i resumed with its result (or the exception that ended it), as run_job had it
