@@ -189,6 +189,46 @@ def test_a_fresh_sqlite_store_is_a_copy_of_the_migrated_template(tmp_path, monke
     assert client_for(f"sqlite:///{db}").get_run(run.info.run_id).data.metrics == {"m": 1.0}
 
 
+def test_the_logged_models_shared_files_are_made_once_per_user_and_a_staged_model_predicts(tmp_path, monkeypatch):
+    """The pyfunc template (MLflow's save_model of a placeholder export) is made once into the user
+    cache and then read from there, even by a process whose save_model would fail; a model staged
+    from it loads in MLflow and predicts what the net computes; another input example gets its own."""
+    import mlflow
+    import mxnet as mx
+    import numpy as np
+
+    from mnist_logreg.ml.model import build_net
+    from mnist_logreg.tracking import pyfunc
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    example = np.arange(5 * 784, dtype=np.float32).reshape(5, 784) / (5 * 784)
+    pyfunc._template.cache_clear()
+    made = pyfunc._template(example.tobytes(), example.shape, str(example.dtype))
+    (folder,) = (tmp_path / "cache" / "mnist_logreg").glob("pyfunc-template-*")
+    assert made.folder == folder / "model" and not list(folder.parent.glob(".pyfunc-template-*"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("save_model called again")
+
+    monkeypatch.setattr(mlflow.pyfunc, "save_model", refuse)
+    pyfunc._template.cache_clear()
+    again = pyfunc._template(example.tobytes(), example.shape, str(example.dtype))
+    assert again.folder == made.folder and again.text == made.text
+    net = build_net(10, 0.1, mx.cpu(), 7)
+    net.hybridize()
+    x = np.random.default_rng(0).random((3, 784), dtype=np.float32)
+    scores = net(mx.nd.array(x)).asnumpy()
+    (tmp_path / "export").mkdir()
+    net.export(str(tmp_path / "export" / "model"), epoch=0)
+    pyfunc.stage_model(tmp_path / "export", example, tmp_path / "staged")
+    predicted = mlflow.pyfunc.load_model(str(tmp_path / "staged")).predict(x)
+    assert list(predicted["label"]) == list(scores.argmax(axis=1))
+    pyfunc._template.cache_clear()
+    with pytest.raises(AssertionError, match="save_model called again"):  # another example: another template
+        pyfunc._template(example[:2].tobytes(), (2, 784), str(example.dtype))
+    pyfunc._template.cache_clear()
+
+
 def test_a_run_id_prefix_of_digits_only_is_taken_as_typed(tmp_path, mnist5k_root):
     """Hydra reads resume=99893388 as a number; the prefix still names the run (here: none such)."""
     proc = run_cli(["resume=99893388", f"data.root={mnist5k_root}"], cwd=tmp_path)

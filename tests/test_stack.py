@@ -274,3 +274,14 @@ def test_the_untrained_scores_of_a_stack_are_each_lone_models_own(digit_splits, 
         lone.append(evaluate(net, train, test, CHUNK))
     assert len(set(lone)) == groups  # the groups score apart, so a member given another's scores fails
     assert stack.evaluate_untrained(train, test, CHUNK) == lone
+    # A later stack drawing the same models gets the same scores, and on other splits their own.
+    again = Stack(specs, 10, mx.cpu(), SEED, width)
+    for member, weights in zip(again.members, drawn):
+        member.net.weight.set_data(nd.array(weights))
+    assert again.evaluate_untrained(train, test, CHUNK) == lone
+    swapped = []
+    for weights in drawn:
+        net = build_net(10, 0.1, mx.cpu(), SEED)
+        net.weight.set_data(nd.array(weights))
+        swapped.append(evaluate(net, test, train, CHUNK))
+    assert swapped != lone and again.evaluate_untrained(test, train, CHUNK) == swapped

@@ -190,7 +190,16 @@ class Stack:
             first.setdefault(weights, member)
         if 3 * len(first) > self.k:
             return self.evaluate(train, test, chunk, val)
-        scores = {weights: evaluate(m.net, train, test, chunk, val) for weights, m in first.items()}
+        scores = {}
+        for weights, member in first.items():  # a later stack of the sweep draws the same models again
+            seen = _UNTRAINED.get((weights, chunk))
+            if seen is not None and seen[0] is train and seen[1] is test and seen[2] is val:
+                scores[weights] = seen[3]
+            else:
+                scores[weights] = evaluate(member.net, train, test, chunk, val)
+                if len(_UNTRAINED) >= 64:
+                    _UNTRAINED.clear()
+                _UNTRAINED[(weights, chunk)] = (train, test, val, scores[weights])
         return [scores[weights] for weights in drawn]
 
     def predictions(self, split: DeviceSplit, chunk: int, which: Sequence[int]) -> dict[int, np.ndarray]:
@@ -200,6 +209,12 @@ class Stack:
         labels = nd.concat(*(nd.argmax(self.scores(split.x[start : start + chunk]), axis=2)
                              for start in range(0, len(split), chunk)), dim=0).asnumpy().astype(np.int64)
         return {i: np.ascontiguousarray(labels[:, i]) for i in which}
+
+
+# Untrained models scored alone in this process: (weights' hash, chunk) -> (the splits they were scored
+# on, held so that their ids stay theirs, and the scores). A sweep's stacks over lr or wd draw the same
+# few models, one per sigma, in every stack.
+_UNTRAINED: dict[tuple[str, int], tuple] = {}
 
 
 def _share(param: gluon.Parameter, data: nd.NDArray, grad: nd.NDArray) -> None:

@@ -108,29 +108,55 @@ class Template:
 
 @functools.lru_cache(maxsize=2)
 def _template(example: bytes, shape: tuple, dtype: str) -> Template:
-    """mlflow.pyfunc.save_model of a placeholder export, once per process and input example: the
-    files every run's logged model shares (its empty weights are swapped for the run's by stage_model)."""
-    import atexit
-    import shutil
+    """mlflow.pyfunc.save_model of a placeholder export: the files every run's logged model shares
+    (its empty weights are swapped for the run's by stage_model). Made once per user, input example
+    and environment (MLflow, MXNet, numpy, pandas, Python, this file), and kept in the user cache:
+    save_model takes 0.35 s here, most of it MLflow checking the pinned requirements against every
+    installed distribution, which each process that writes models (a sweep's and its record writer)
+    paid again. A process that makes it moves it into place whole, so no other sees half of one."""
+    import hashlib
+    import sys
     from importlib import metadata
+
+    from ..project import user_cache
+
+    pins = [f"{name}=={metadata.version(name)}" for name in ("mxnet", "numpy", "mlflow", "pandas")]
+    key = hashlib.sha256(b"\0".join([example, repr((shape, dtype, pins, sys.version)).encode(),
+                                      Path(__file__).read_bytes()])).hexdigest()[:20]
+    folder = user_cache() / f"pyfunc-template-{key}"
+    if not (folder / "placeholder").is_file():
+        _make_template(folder, np.frombuffer(example, dtype=dtype).reshape(shape), pins[:3] + ["pandas"])
+    return Template(folder / "model", Path((folder / "placeholder").read_text()))
+
+
+def _make_template(folder: Path, example: np.ndarray, pip_requirements: list[str]) -> None:
+    """The template folder: the pyfunc in model/, its placeholder export in export/, and in
+    `placeholder` that export's path as the MLmodel names it (the folder it was made in)."""
+    import os
+    import shutil
 
     import mlflow
 
-    root = Path(tempfile.mkdtemp(prefix="mnist_logreg_pyfunc_"))
-    atexit.register(shutil.rmtree, root, True)
-    placeholder = root / "export"
-    placeholder.mkdir()
-    artifacts = {}
-    for name, source in ((SYMBOL, "model-symbol.json"), (PARAMS, "model-0000.params")):
-        (placeholder / source).write_bytes(b"")
-        artifacts[name] = str(placeholder / source)
-    mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
-        root / "model", python_model=__file__, artifacts=artifacts, signature=signature(),
-        input_example=np.frombuffer(example, dtype=dtype).reshape(shape),
-        pip_requirements=[f"mxnet=={metadata.version('mxnet')}", f"numpy=={np.__version__}",
-                          f"mlflow=={mlflow.__version__}", "pandas"],
-    )
-    return Template(root / "model", placeholder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        placeholder = root / "export"
+        placeholder.mkdir()
+        artifacts = {}
+        for name, source in ((SYMBOL, "model-symbol.json"), (PARAMS, "model-0000.params")):
+            (placeholder / source).write_bytes(b"")
+            artifacts[name] = str(placeholder / source)
+        mlflow.pyfunc.save_model(  # "models from code": this file, not a pickled object
+            root / "model", python_model=__file__, artifacts=artifacts, signature=signature(),
+            input_example=example, pip_requirements=pip_requirements)
+        (root / "placeholder").write_text(str(placeholder))
+        try:
+            os.rename(root, folder)
+        except OSError:  # another process put its own in place first: the same files
+            if not (folder / "placeholder").is_file():
+                raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # What MLflow loads when it runs this file as the model's code (see stage_model).
