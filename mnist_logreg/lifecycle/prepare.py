@@ -260,12 +260,14 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
         typed = [o.split("=", 1)[1] for o in overrides if override_key(o) == "resume"]
         with open_dict(cfg):
             cfg.resume = typed[-1] if typed else str(cfg.resume)
-    validate(cfg)
+    resolved = _resolved(cfg)
+    validate(cfg, resolved)
     check_known_keys(cfg)
     resumed = None
     if cfg.resume:  # continue a KILLED or FAILED run from its last checkpoint, into the same run
         check_resume_overrides(cfg.resume, overrides)
         resumed, cfg = _resumable(cfg)
+        resolved = None
     with clock("data"):
         d = cfg.data
         files = locate(d.name, d.root, d.cache, list(d.search), list(d.mirrors),
@@ -287,7 +289,7 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
             client, experiment_id, sweep_tags = resumed.client, resumed.run.info.experiment_id, {}
         else:
             client, experiment_id, sweep_tags = _experiment(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = resolved if resolved is not None else OmegaConf.to_container(cfg, resolve=True)
         fp_tags = fingerprint_tags(resolved, files.digest())
         done = busy = None
         unresolved = not cfg.force and resumed is None
@@ -296,6 +298,14 @@ def prepare(cfg: DictConfig, out_dir: Path | None = None, overrides: Sequence[st
     return Job(cfg, clock, resumed, ctx, files, train_split, test_split, out_dir, list(overrides), client,
                experiment_id, sweep_tags, fp_tags, done, busy, val_split=val_split,
                unresolved=unresolved and look_up_later, resolved=resolved)
+
+
+def _resolved(cfg: DictConfig) -> dict | None:
+    """The config resolved, or None when a value does not resolve (validate then names it)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - validate, or the resolution later, reports it
+        return None
 
 
 def _loading(files: DatasetFiles):
