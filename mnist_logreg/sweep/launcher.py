@@ -163,12 +163,13 @@ def run_job(hydra_context: Any, task_function: Any, config: DictConfig, job_dir_
     """Hydra's own run_job (hydra.core.utils), step for step: the job's folder, its three `.hydra/`
     files, job logging, env_set, hydra.job.chdir, the callbacks and the JobReturn, with three deep
     copies of the config fewer (some 7 ms of a job's 40 here). HydraConfig is set once, and the
-    job's output folder written into its copy as well (Hydra sets it a second time, copying the
-    hydra node again); the JobReturn's hydra config is that copy (Hydra copies it once more); and
+    job's output folder written into it as well (Hydra sets it a second time, copying the hydra
+    node again); the JobReturn's hydra config is that one (Hydra copies it once more); and
     the task's config is copied without the hydra node (Hydra copies the whole config, then deletes
-    it). The two copies left are made by pickle, a third of a deep copy's time. A config that leaves
-    hydra.job.chdir unset goes to Hydra's own, which decides it by version. tests/test_sweep_logic.py
-    runs both on the same jobs and compares what each job saw and left, node by node."""
+    it). HydraConfig holds the job's read-only hydra node itself (`_hydra_config`), and the task's
+    copy is made by pickle, a third of a deep copy's time. A config that leaves hydra.job.chdir
+    unset goes to Hydra's own, which decides it by version. tests/test_sweep_logic.py runs both on
+    the same jobs and compares what each job saw and left, node by node."""
     from hydra.core import utils
 
     if config.hydra.job.chdir is None:
