@@ -164,7 +164,7 @@ def test_a_signal_to_the_launching_process_cancels_its_array(cluster, tmp_path, 
     assert proc.returncode == 128 + sig and "Traceback" not in out, out[-3000:]
     assert f"cancelling Slurm array {array[0]}" in out and f"Stopped by {signal.Signals(sig).name}" in out
     client, jobs, parents = jobs_and_parents(tmp_path)
-    assert parents[0].info.status == "KILLED" and all(r.info.status == "KILLED" for r in jobs)
+    assert parents[0].info.status == "KILLED" and all(r.info.status == "KILLED" for r in jobs), [(r.info.status, r.data.tags.get("failure")) for r in jobs]
     assert "CANCELLED" in sacct(cluster, "-X", "-o", "JobID,State", "-j", array[0])
 
 
