@@ -355,6 +355,9 @@ def check_max_stack(max_stack: Any) -> int:
     return max_stack
 
 
+_frozen = False  # whether launch has frozen the process's objects for the collector (gc.freeze)
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
            numbers: Sequence[int] | None = None, extra_tags: dict[str, str] | None = None) -> Sequence[JobReturn]:
     """Start every job through Hydra's run_job in a greenlet, train the ones that joined as stacks
@@ -375,7 +378,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None and launcher.task_function is not None
-    gc.freeze()  # what the process holds by now (Hydra, MLflow, their modules) is never rescanned by a full collection
+    global _frozen
+    if not _frozen:  # what the process holds by now (Hydra, MLflow, their modules) is never rescanned by a full
+        gc.freeze()  # collection; once, as a search's later launches would freeze the garbage of the earlier ones
+        _frozen = True
     quiet = len(job_overrides) > CONSOLE_JOBS  # at scale: a line per stack and epoch, and a record writer
     wanted = getattr(launcher, "record_writer", None)  # null: at scale (the Slurm launcher's tasks too)
     if wanted or (wanted is None and quiet):
@@ -421,7 +427,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             paused, ret = gathering.start(run_job, hydra_context=launcher.hydra_context,
                                           task_function=launcher.task_function, config=sweep_config,
                                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-            job_hydra = HydraConfig.instance().cfg  # what run_job set for the task (a copy of the job's hydra node)
+            job_hydra = HydraConfig.instance().cfg  # what run_job set for the task (the job's hydra node)
             settle(logging_too=not quiet)  # at scale nothing logs before the next job's run_job sets its own
             if paused is None:
                 returns[i] = ret  # ran to its end: another app's task, a skipped or a refused job
@@ -431,7 +437,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 hc = sweep_config.hydra
                 paused.job.log = _member_logger(idx, Path(hc.runtime.output_dir), hc.job.name)
         settle()
-        gc.freeze()  # and the jobs' configs, held until the launch ends
 
         def finish(i: int, result: Any) -> None:
             """Job i resumed with its result (or the exception that ended it), as run_job had it
