@@ -205,6 +205,39 @@ class QuietJobLines(logging.Filter):
                     and record.name.startswith("mnist_logreg.job"))
 
 
+@functools.lru_cache(maxsize=1)
+def libyaml_dumper() -> Any:
+    """OmegaConf's YAML dumper (its representers: strings that would read back as another type are
+    quoted) on libyaml's emitter, or None without libyaml."""
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
+    if not getattr(yaml, "__with_libyaml__", False):
+        return None
+    python = get_omega_conf_dumper()
+
+    class Dumper(yaml.CDumper):  # type: ignore[misc,name-defined]
+        pass
+
+    for kind, representer in python.yaml_representers.items():
+        Dumper.add_representer(kind, representer)
+    for kind, representer in python.yaml_multi_representers.items():
+        Dumper.add_multi_representer(kind, representer)
+    return Dumper
+
+
+def yaml_text(container: Any) -> str:
+    """OmegaConf.to_yaml's text for a plain container (dicts, lists, scalars): emitted by libyaml
+    with OmegaConf's representers when PyYAML has libyaml, a tenth of the time (a run's resolved
+    config 2.8 ms to 0.25 ms here); tests/test_config.py compares the two."""
+    import yaml
+
+    dumper = libyaml_dumper()
+    if dumper is None:
+        return OmegaConf.to_yaml(container)
+    return yaml.dump(container, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=dumper)
+
+
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """The resolved config as {dotted.key: string}; lists become JSON, passwords in URIs are hidden."""
     container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)

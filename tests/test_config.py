@@ -132,3 +132,24 @@ def test_learning_curves_of_a_large_sweep_are_drawn_by_axis(tmp_path):
 
     image = imread(path)
     assert image.shape[1] > 1.5 * image.shape[0]  # four panels side by side
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("data=fashion_mnist", "optim.wd=1e-05", "model.sigma=0.001", "data.root=null"),
+    ("+note='a: b # not a comment, 1e5, ümlaut, \"quoted\" and " + "long " * 30 + "'", "+flag='true'", "+num='0.5'",
+     "+empty=''", "+multi=[1,'x y',null]", "+nested={a: {b: '~'}}", "+octal='0777'", "+date='2024-01-01'",
+     "+sci='1e5'", "+inf='.inf'"),
+])
+def test_a_runs_config_yaml_is_the_text_omegaconf_writes(overrides):
+    """config.yaml of a run: the resolved config as OmegaConf.to_yaml writes it, made by libyaml
+    (yaml_text) for a tenth of the time; strings YAML would read back as another type are quoted."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mnist_logreg.config import yaml_text
+
+    resolved = OmegaConf.to_container(make_cfg(*overrides), resolve=True)
+    text = yaml_text(resolved)
+    assert text == OmegaConf.to_yaml(resolved)
+    assert yaml.safe_load(text) == resolved

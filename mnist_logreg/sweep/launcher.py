@@ -15,7 +15,6 @@ Each job gets its own MLflow run, live per-epoch metrics and checkpoints, artifa
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -269,7 +268,9 @@ def _save_config(cfg: Any, filename: str, output_dir: Path) -> None:
     run_job test compares every file), in a third of the time (hydra.yaml 2.9 ms to 0.8 ms here)."""
     import yaml
 
-    dumper = _libyaml_dumper()
+    from ..config import libyaml_dumper
+
+    dumper = libyaml_dumper()
     if dumper is None:
         from hydra.core import utils
 
@@ -279,27 +280,6 @@ def _save_config(cfg: Any, filename: str, output_dir: Path) -> None:
                      allow_unicode=True, sort_keys=False, Dumper=dumper)
     with open(output_dir / filename, "w", encoding="utf-8") as file:
         file.write(text)
-
-
-@functools.lru_cache(maxsize=1)
-def _libyaml_dumper() -> Any:
-    """OmegaConf's YAML dumper (its representers: strings that would read back as another type are
-    quoted) on libyaml's emitter, or None without libyaml."""
-    import yaml
-    from omegaconf._utils import get_omega_conf_dumper
-
-    if not getattr(yaml, "__with_libyaml__", False):
-        return None
-    python = get_omega_conf_dumper()
-
-    class Dumper(yaml.CDumper):  # type: ignore[misc,name-defined]
-        pass
-
-    for kind, representer in python.yaml_representers.items():
-        Dumper.add_representer(kind, representer)
-    for kind, representer in python.yaml_multi_representers.items():
-        Dumper.add_multi_representer(kind, representer)
-    return Dumper
 
 
 def check_record_writer(value: Any) -> bool | None:

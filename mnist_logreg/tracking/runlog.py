@@ -178,11 +178,9 @@ class RunLog:
 
 def log_config(client, run_id: str, resolved: dict) -> None:
     """The run's resolved config as config.yaml, passwords hidden (a record writer makes the YAML)."""
-    from omegaconf import OmegaConf
+    from ..config import redact, yaml_text
 
-    from ..config import redact
-
-    client.log_text(run_id, redact(OmegaConf.to_yaml(resolved)), "config.yaml")
+    client.log_text(run_id, redact(yaml_text(resolved)), "config.yaml")
 
 
 def open_records(client, experiment_id: str, run_name: str, tags: dict[str, str], datasets: list,
