@@ -10,5 +10,6 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def user_cache() -> Path:
-    """The user's cache folder for the harness: fresh-store templates, width-probe answers."""
+    """The user's cache folder for the harness: fresh-store templates, width-probe answers, the
+    logged model's template."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist_logreg"
