@@ -31,7 +31,7 @@ def train(cfg: DictConfig, extra_tags: dict[str, str] | None = None, run_name: s
     job = prepare(cfg, *_hydra_job(), look_up_later=gathered)
     if gathered:  # the launcher reads its point's runs, then skips it or trains it in a stack, and hands back its result
         return gathering.join(job)
-    if job.done is not None or job.busy is not None:
+    if job.skipped:
         return skip(job)
     return train_jobs([job], extra_tags=extra_tags, run_name=run_name)[0]  # type: ignore[return-value]
 

@@ -189,6 +189,23 @@ def test_a_fresh_sqlite_store_is_a_copy_of_the_migrated_template(tmp_path, monke
     assert client_for(f"sqlite:///{db}").get_run(run.info.run_id).data.metrics == {"m": 1.0}
 
 
+def test_a_store_checked_once_is_still_refused_once_its_file_is_no_store(tmp_path, monkeypatch):
+    """A store's tables are read once per process, but a file put in its place that is not an SQLite
+    database is refused at the next check, with the one-line message."""
+    from mnist_logreg.errors import TrackingError
+    from mnist_logreg.tracking.store import check_sqlite_store, client_for
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "mlflow.db"
+    client_for(f"sqlite:///{db}").search_experiments()
+    check_sqlite_store(db)
+    check_sqlite_store(db)  # the second time from what the first found
+    with open(db, "r+b") as fh:  # overwritten in place: the same file (inode) as the one found a store
+        fh.write(b"these are someone's notes, not a database\n")
+    with pytest.raises(TrackingError, match="is not an SQLite database"):
+        check_sqlite_store(db)
+
+
 def test_the_logged_models_shared_files_are_made_once_per_user_and_a_staged_model_predicts(tmp_path, monkeypatch):
     """The pyfunc template (MLflow's save_model of a placeholder export) is made once into the user
     cache and then read from there, even by a process whose save_model would fail; a model staged

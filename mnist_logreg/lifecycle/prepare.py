@@ -91,6 +91,11 @@ class Job:
     resolved: dict | None = None  # cfg resolved (in the job's own Hydra context), for its fingerprint and its run
 
     @property
+    def skipped(self) -> bool:
+        """Whether its point has a FINISHED run, or one training elsewhere: skip(job), not training."""
+        return self.done is not None or self.busy is not None
+
+    @property
     def start_epoch(self) -> int:
         """The epochs already done: 0 for a new job or one that starts over."""
         return self.resumed.epoch if self.resumed is not None and self.resumed.checkpoint is not None else 0

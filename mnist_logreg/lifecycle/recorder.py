@@ -166,8 +166,9 @@ class Recorder:
                          **({"val_acc": val_acc} if val_acc is not None else {})}
             need_params = logged is None or not logged.params
             need_step0 = logged is None or "test_acc" not in logged.metrics
-            resolved = ((self.job.resolved if self.job.resolved is not None else OmegaConf.to_container(cfg, resolve=True))
-                        if need_params else {})
+            resolved = {}
+            if need_params:  # as prepare resolved it, in the job's own Hydra context
+                resolved = self.job.resolved if self.job.resolved is not None else OmegaConf.to_container(cfg, resolve=True)
             if need_params:
                 # The resolved config, from the start: reproduce and resume rebuild the run from it.
                 writer.write(self.run.client, self.run.run_id, log_config, resolved)

@@ -181,10 +181,9 @@ def run_job(hydra_context: Any, task_function: Any, config: DictConfig, job_dir_
     output_dir = str(OmegaConf.select(config, job_dir_key))
     if job_subdir_key is not None:
         output_dir = os.path.join(output_dir, str(OmegaConf.select(config, job_subdir_key)))
-    hydra_cfg = HydraConfig.instance().cfg
-    for node in (config, hydra_cfg):
-        with read_write(node.hydra.runtime), open_dict(node.hydra.runtime):
-            node.hydra.runtime.output_dir = os.path.abspath(output_dir)
+    hydra_cfg = HydraConfig.instance().cfg  # holds config's own hydra node: written once for both
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = os.path.abspath(output_dir)
     _chdir = False
     try:
         ret = JobReturn()
@@ -379,7 +378,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     QuietJobLines.active = quiet
     def alone(job):  # a job that joined a second time from the same task function
         looked_up(job)
-        return skip(job) if job.done is not None or job.busy is not None else train_jobs([job])[0]
+        return skip(job) if job.skipped else train_jobs([job])[0]
 
     gathering = Gathering(alone)
     home, hydra_cfg = os.getcwd(), HydraConfig.instance().cfg
@@ -436,7 +435,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             job = joined[i].job
             try:
                 looked_up(job, with_runs)
-                result = skip(job) if job.done is not None or job.busy is not None else None
+                result = skip(job) if job.skipped else None
             except Exception as exc:  # this job fails, as it would have in prepare
                 result = exc
             if result is not None:

@@ -64,15 +64,10 @@ def check_sqlite_store(db: Path) -> None:
     """Refuse, without touching it, a file that is not an SQLite database or is another program's
     database: MLflow would fail on the first (with two tracebacks) and add its tables to the second.
     A missing or empty file is fine: MLflow creates a fresh store in it. A file found to be a store
-    is not read again in this process (a sweep's every job opens it) while it is the same file."""
+    has its tables read once in this process (a sweep's every job opens it) while it is the same
+    file; its header is read each time."""
     import sqlite3
 
-    try:
-        stat = db.stat()
-    except OSError:
-        stat = None
-    if stat is not None and (stat.st_dev, stat.st_ino) in _STORES_SEEN:
-        return
     if not db.exists() or (db.is_file() and db.stat().st_size == 0):
         return
     fix = "point tracking.uri (or --tracking-uri) at an MLflow store or at a new file"
@@ -80,9 +75,12 @@ def check_sqlite_store(db: Path) -> None:
         raise TrackingError(f"{db} is not a file: {fix}")
     with open(db, "rb") as fh:
         header = fh.read(len(SQLITE_HEADER))
+        stat = os.fstat(fh.fileno())
     if header != SQLITE_HEADER:
         raise TrackingError(f"{db} is not an SQLite database (corrupt, or another kind of file): {fix}; "
                             "the file was left as it is")
+    if (stat.st_dev, stat.st_ino) in _STORES_SEEN:
+        return
     try:
         with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -91,7 +89,7 @@ def check_sqlite_store(db: Path) -> None:
     if tables and not {"experiments", "runs", "alembic_version"} <= tables:
         raise TrackingError(f"{db} is an SQLite database but not an MLflow store (tables: "
                             f"{', '.join(sorted(tables)[:5])}): {fix}; the file was left as it is")
-    if tables and stat is not None:
+    if tables:
         _STORES_SEEN.add((stat.st_dev, stat.st_ino))
 
 
