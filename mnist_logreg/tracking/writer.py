@@ -17,8 +17,7 @@ order and whose reads wait for what was queued before them, so a run reads its o
     background(client, run_ids)                                     those runs' later requests wait
                                                                     while any other run's are queued
 
-The child runs at a lower priority (`NICENESS`), so that it takes the cores only where the training
-leaves them. It takes requests in the order they were sent, in two lanes: a run that `background` named
+The child takes requests in the order they were sent, in two lanes: a run that `background` named
 (a trained stack whose files are written while the next stack trains) has its requests taken only
 when no other request waits, so that the training stack's epochs are never queued behind them. A
 run's own requests keep their order either way (it moves to the background lane once, after its
@@ -52,11 +51,6 @@ WRITES = frozenset({"log_batch", "log_inputs", "log_outputs", "log_text", "log_a
 # Those that name a logged model first, not a run: their errors belong to the model's run.
 MODEL_WRITES = frozenset({"log_model_artifacts", "finalize_logged_model"})
 CLOSE_WAIT_S = 60.0  # at exit, how long the child may take to write what it still holds
-# The child's niceness above its parent's: where it and the training compete for the cores (a stack
-# trains with one OpenMP thread per core), the training goes first and the child writes in the gaps
-# (every epoch's end, when the training process waits for that epoch's records). On the 2-core
-# machine of docs/performance.md, a 96-job sweep's stacks trained 9% faster for it.
-NICENESS = 10
 PIPE_BYTES = 1 << 20  # Linux's default most for a pipe (/proc/sys/fs/pipe-max-size)
 
 
@@ -311,8 +305,6 @@ def _serve(uri: str, read_fd: int, write_fd: int) -> None:
     # stops its runs, and this writes their ends.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    if hasattr(os, "nice"):
-        os.nice(NICENESS)
     from mlflow.tracking import MlflowClient
 
     from ..errors import one_line
