@@ -220,7 +220,9 @@ def test_mlflow_models_serve_scores_real_images(card, mnist5k_root, tmp_path):
     client, runs, _ = by_config(card["basic"])
     model = _logged_model(client, runs["0.5"])
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(card["basic"])}
+    # MLflow starts the server as `uvicorn` from PATH: the venv's, also when the suite runs without `uv run`
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(card["basic"]), "PATH": path}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model.model_id}",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
