@@ -166,16 +166,17 @@ class Recorder:
                          **({"val_acc": val_acc} if val_acc is not None else {})}
             need_params = logged is None or not logged.params
             need_step0 = logged is None or "test_acc" not in logged.metrics
-            resolved = {}
-            if need_params:  # as prepare resolved it, in the job's own Hydra context
-                resolved = self.job.resolved if self.job.resolved is not None else OmegaConf.to_container(cfg, resolve=True)
             if need_params:
-                # The resolved config, from the start: reproduce and resume rebuild the run from it.
+                # The resolved config (as prepare resolved it, in the job's own Hydra context), from the
+                # start: reproduce and resume rebuild the run from it.
+                resolved = self.job.resolved
+                if resolved is None:
+                    resolved = OmegaConf.to_container(cfg, resolve=True)
                 writer.write(self.run.client, self.run.run_id, log_config, resolved)
-            if need_params and need_step0:
-                self.run.log_params_and_metrics(flatten(resolved), 0, untrained)  # one write where it can be
-            elif need_params:
-                self.run.log_params(flatten(resolved))
+                if need_step0:
+                    self.run.log_params_and_metrics(flatten(resolved), 0, untrained)  # one write where it can be
+                else:
+                    self.run.log_params(flatten(resolved))
             elif need_step0:
                 self.run.log_metrics(0, untrained)
         self.log.info("epoch 0 (untrained)  train_acc %.4f  test_acc %.4f%s", train_acc, test_acc,

@@ -376,6 +376,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                      [numbers[i] if numbers is not None else initial_job_idx + i for i in range(len(job_overrides))]),
                  sweep_dir, launcher.config.hydra.job.name)
     QuietJobLines.active = quiet
+
     def alone(job):  # a job that joined a second time from the same task function
         looked_up(job)
         return skip(job) if job.skipped else train_jobs([job])[0]
