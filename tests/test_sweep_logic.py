@@ -89,6 +89,27 @@ def test_outside_a_write_a_signal_stops_at_once_then_sigterm_passes_and_a_second
             raise AssertionError("not stopped")
 
 
+def test_a_signal_that_finds_a_finaliser_waits_for_the_training_loops_check(capfd):
+    """Python swallows what a finaliser raises: a stop begun inside one would be lost (the stack trained on).
+    It waits instead, unseen, until check() between epochs raises it."""
+    signals = JobSignals()
+
+    class Freed:
+        def __del__(self):
+            _deliver(signal.SIGINT)
+
+    with signals.installed():
+        Freed()  # freed at once, its finaliser run where the handler then runs
+        assert not signals.stopping
+        with pytest.raises(KeyboardInterrupt, match="signal 2"):
+            signals.check()
+            raise AssertionError("not stopped")
+        assert signals.stopping
+        with pytest.raises(KeyboardInterrupt, match="signal 2"):  # and a stop that was swallowed after all
+            signals.check()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 def test_runs_left_running_by_dead_processes_end_killed_or_failed(tmp_path):
     client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
     exp = ensure_experiment(client, "orphans", None)

@@ -24,13 +24,20 @@ class JobSignals:
     Once a stop has begun, the job's runs are ending (metrics, checkpoint, status): a SIGTERM then
     is the launching process asking for the same stop (a terminal's Ctrl-C reaches both), and is
     let pass; a second Ctrl-C is the user's and stops at once. Install these handlers around the
-    whole life of the runs, their ends included."""
+    whole life of the runs, their ends included.
+
+    A handler runs in whatever frame the signal finds, and Python swallows what a finaliser raises
+    (it prints "Exception ignored in" and goes on): MXNet frees its arrays in `NDArray.__del__` at
+    every batch, so a stop raised there would be lost and the stack would train on. A signal that
+    finds a finaliser on the stack waits, like one inside `deferred()`, and the training loop
+    calls `check()` between epochs, which raises a stop that has not taken effect."""
 
     def __init__(self) -> None:
         self._pending: int | None = None
         self._depth = 0
         self._previous: dict[int, Any] = {}
         self.stopping = False
+        self.signum: int | None = None  # the signal that began the stop
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -55,14 +62,26 @@ class JobSignals:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt(f"signal {signum}")
             return  # the launching process's SIGTERM for the stop under way
-        if self._depth:
+        if self._depth or _in_finaliser(frame):
             self._pending = signum
         else:
             self._stop(signum)
 
     def _stop(self, signum: int) -> None:
-        self.stopping = True
+        self.stopping, self.signum = True, signum
         raise KeyboardInterrupt(f"signal {signum}")
+
+    def check(self) -> None:
+        """Between epochs, outside any write: raise the stop that is waiting (its signal found a
+        finaliser), or again one that a finaliser swallowed (nothing trains once a stop has
+        taken effect, so a stop seen here never did)."""
+        if self._depth:
+            return
+        if self.stopping:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            self._stop(signum)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -74,3 +93,12 @@ class JobSignals:
             if not self._depth and self._pending is not None and not self.stopping:
                 signum, self._pending = self._pending, None
                 self._stop(signum)
+
+
+def _in_finaliser(frame) -> bool:
+    """Whether frame is a finaliser's (`__del__`), or called from one."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False

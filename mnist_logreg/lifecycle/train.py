@@ -312,6 +312,7 @@ def _fit(jobs: Sequence[Job], width: int | None, start: Callable[[], list[Record
 
     def on_epoch(member, m) -> str | None:
         recorder = start()[member.index]
+        recorder.signals.check()  # a stop that a finaliser swallowed takes effect here, before this epoch's records
         try:
             recorder.epoch(m, member.net, member.trainer, rng)
         except WriteFailed as exc:  # a record writer could not write this run's records
