@@ -129,6 +129,28 @@ def test_compare_table_and_plots(sweep_store, capsys, monkeypatch):
     assert {"compare/comparison.csv", "compare/learning_curves.png", "compare/heatmap.png"} <= logged
 
 
+@pytest.mark.parametrize("lrs, sigmas", [(6, 4), (6, 1), (2, 8)])
+def test_the_learning_curves_legend_and_labels_stay_inside_the_picture(tmp_path, lrs, sigmas):
+    """A large sweep's curves: a colour per lr, a panel per sigma, a legend below. However many panels the
+    legend shares its width with, nothing is cut at the picture's edges (its outermost pixels are white)."""
+    import pandas as pd
+    from matplotlib.image import imread
+
+    from mnist_logreg.analysis.plots import plot_curves
+
+    lr_values, sigma_values = [0.01, 0.03, 0.1, 0.3, 0.5, 1.0][:lrs], [0.01, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0][:sigmas]
+    rows = [{"run_id": f"{i:032x}", "status": "FINISHED", "optim.lr": lr_values[i % lrs],
+             "model.sigma": sigma_values[i // lrs % sigmas], "optim.wd": [0.0, 0.0001][i // (lrs * sigmas) % 2],
+             "test_acc": 0.8 + 0.001 * i} for i in range(max(13, lrs * sigmas * 2))]
+    table = pd.DataFrame(rows).sort_values("test_acc", ascending=False)
+    curves = {r["run_id"]: [(s, r["test_acc"] - 0.01 * (5 - s)) for s in range(6)] for r in rows}
+    axes = ["optim.lr", "model.sigma", "optim.wd"] if sigmas > 1 else ["optim.lr"]  # one panel (seeds are no axis)
+    picture = imread(plot_curves(table, curves, tmp_path / "curves.png", axes))[..., :3]
+    edges = [picture[:, 0], picture[:, -1], picture[0], picture[-1]]
+    assert all((edge > 0.99).all() for edge in edges)  # nothing drawn across an edge
+    assert (picture[-int(picture.shape[0] * 0.15):] < 0.5).any()  # and the legend is there, below
+
+
 def test_compare_on_an_empty_experiment(tmp_path, sweep_store, capsys):
     proc = run_cli(["--experiment", "nothing_here", "--tracking-uri", store_uri(sweep_store)], cwd=tmp_path,
                    module="mnist_logreg.compare")

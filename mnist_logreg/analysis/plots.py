@@ -13,6 +13,7 @@ def _label(row: pd.Series, axes: list[str]) -> str:
 
 # The runs a learning-curves plot marks as the best, by final test accuracy.
 BEST_MARKED = 3
+LEGEND_ENTRY_IN, LEGEND_ROW_IN = 1.9, 0.22  # a legend entry's width and a row's height below the panels, inches
 
 
 def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Path:
@@ -38,7 +39,12 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
     trained = [v for rid in table["run_id"] for s, v in curves.get(rid, []) if s > 0]
     if max((s for rid in table["run_id"] for s, _ in curves.get(rid, [])), default=0) < 2:
         trained = []  # one epoch: the line from the untrained step is all there is
-    fig, grid = plt.subplots(1, len(panels), figsize=(min(4.2 * len(panels), 17), 4.6), sharey=True, squeeze=False)
+    width = min(4.2 * len(panels), 17)
+    entries = len(colours) + len(styles)  # the legend below the panels (a large sweep's)
+    per_row = max(1, min(entries, 8, int(width / LEGEND_ENTRY_IN)))
+    legend_rows = 0 if small else -(-entries // per_row)
+    fig, grid = plt.subplots(1, len(panels), figsize=(width, 4.6 + LEGEND_ROW_IN * max(0, legend_rows - 1)), sharey=True,
+                             squeeze=False)
     for ax, panel in zip(grid[0], panels):
         rows = table if panel is None else table[table[panel_axis] == panel]
         for _, row in rows.iterrows():
@@ -69,13 +75,24 @@ def plot_curves(table: pd.DataFrame, curves, path: Path, axes: list[str]) -> Pat
         names = [f"{colour_axis} = {c}" for c in colours]
         handles += [plt.Line2D([], [], color="grey", linestyle=dashes[i % len(dashes)]) for i in range(len(styles))]
         names += [f"{style_axis} = {v}" for v in styles]
-        fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(len(names), 8), frameon=False)
+        fig.legend(handles, names, fontsize=8, loc="lower center", ncol=per_row, frameon=False)
     fig.suptitle(f"test accuracy per epoch; \u2605 the best {min(BEST_MARKED, len(best))} of the comparison",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.08 if not small else 0, 1, 0.95))
+    _margins(fig, bottom=0.6 + (0.15 + LEGEND_ROW_IN * legend_rows if legend_rows else 0), top=0.75 if panel_axis else 0.5)
     fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
+
+
+def _margins(fig, left: float = 0.8, right: float = 0.15, bottom: float = 0.6, top: float = 0.75,
+             gap: float = 0.12) -> None:
+    """Fixed margins in inches (room for tick labels, axis labels, titles, a legend band below), where
+    tight_layout would measure every text first: a third of a large sweep's curves plot."""
+    width, height = fig.get_size_inches()
+    panels = max(1, len(fig.axes))
+    axes_width = (width - left - right - gap * (panels - 1)) / panels
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=gap / axes_width)
 
 
 def plot_heatmap(table: pd.DataFrame, x: str, y: str, path: Path, facets: list[str] = (),
