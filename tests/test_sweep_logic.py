@@ -110,6 +110,32 @@ def test_a_signal_that_finds_a_finaliser_waits_for_the_training_loops_check(capf
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+def test_the_launching_processs_stop_that_finds_a_finaliser_is_heard_again_once_it_returns(capfd):
+    """The launching process of a worker launcher has no epoch loop: a signal that finds a finaliser is sent
+    again, and the stop (its workers told first, once) then raises where the sweep waits."""
+    from mnist_logreg.sweep.stopping import install
+
+    told = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    class Freed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        install(told.append)
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            Freed()
+            for _ in range(100):  # the launcher waiting for its workers
+                time.sleep(0.01)
+            raise AssertionError("the stop was lost")
+        assert told == [signal.SIGTERM]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 def test_runs_left_running_by_dead_processes_end_killed_or_failed(tmp_path):
     client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
     exp = ensure_experiment(client, "orphans", None)

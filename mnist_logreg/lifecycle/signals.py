@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 
@@ -62,7 +63,7 @@ class JobSignals:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt(f"signal {signum}")
             return  # the launching process's SIGTERM for the stop under way
-        if self._depth or _in_finaliser(frame):
+        if self._depth or in_finaliser(frame):
             self._pending = signum
         else:
             self._stop(signum)
@@ -95,7 +96,17 @@ class JobSignals:
                 self._stop(signum)
 
 
-def _in_finaliser(frame) -> bool:
+def redeliver(signum: int, delay: float = 0.02) -> None:
+    """Send this process signum again in `delay` seconds: for a handler that found a finaliser and has
+    no loop of its own to raise the stop from (the launching process of worker launchers)."""
+    def again() -> None:
+        time.sleep(delay)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=again, name="mnist_logreg-redeliver", daemon=True).start()
+
+
+def in_finaliser(frame) -> bool:
     """Whether frame is a finaliser's (`__del__`), or called from one."""
     while frame is not None:
         if frame.f_code.co_name == "__del__":

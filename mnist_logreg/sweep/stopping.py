@@ -108,11 +108,17 @@ def running_runs(client, experiment_id: str, parent_run_id: str) -> list:
 
 def install(on_first_signal) -> None:
     """Ctrl-C and SIGTERM in the launching process: on_first_signal(signum), then KeyboardInterrupt;
-    a second signal stops at once."""
+    a second signal stops at once. A signal that finds a finaliser running (where Python would
+    swallow the KeyboardInterrupt, and the sweep go on) is heard again once it has returned."""
+    from ..lifecycle.signals import in_finaliser, redeliver
+
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handle(signum, frame):
+        if in_finaliser(frame):
+            redeliver(signum)
+            return
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         on_first_signal(signum)
