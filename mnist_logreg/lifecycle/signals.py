@@ -80,9 +80,7 @@ class JobSignals:
             return
         if self.stopping:
             raise KeyboardInterrupt(f"signal {self.signum}")
-        if self._pending is not None:
-            signum, self._pending = self._pending, None
-            self._stop(signum)
+        self._stop_pending()
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -91,9 +89,14 @@ class JobSignals:
             yield
         finally:
             self._depth -= 1
-            if not self._depth and self._pending is not None and not self.stopping:
-                signum, self._pending = self._pending, None
-                self._stop(signum)
+            if not self._depth:
+                self._stop_pending()
+
+    def _stop_pending(self) -> None:
+        """The stop a signal left waiting (inside a write, or in a finaliser), if any, begins now."""
+        if self._pending is not None and not self.stopping:
+            signum, self._pending = self._pending, None
+            self._stop(signum)
 
 
 def redeliver(signum: int, delay: float = 0.02) -> None:
